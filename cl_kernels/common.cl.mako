@@ -1,0 +1,61 @@
+## Shared pieces of every clconv kernel: storage/compute types and padding index maps.
+##
+## Storage type T may be half, float or double; arithmetic happens in acc_t (float for half).
+## half is read and written through vload_half/vstore_half, which are core OpenCL and so need
+## no cl_khr_fp16.
+
+<%def name="header(storage_t, acc_t)">\
+% if storage_t == 'double' or acc_t == 'double':
+#pragma OPENCL EXTENSION cl_khr_fp64 : enable
+% endif
+% if storage_t == 'half':
+#define LOAD(p, i) vload_half((i), (p))
+#define STORE(v, p, i) vstore_half_rte((v), (i), (p))
+% else:
+#define LOAD(p, i) ((${acc_t})(p)[i])
+#define STORE(v, p, i) ((p)[i] = (v))
+% endif
+</%def>
+
+## A vector of n consecutive elements from p + i, as acc_t vector (or scalar when n == 1).
+<%def name="load_vec(storage_t, n, p, i)">\
+% if n == 1:
+LOAD(${p}, ${i})\
+% elif storage_t == 'half':
+vload_half${n}(0, ${p} + (${i}))\
+% else:
+vload${n}(0, ${p} + (${i}))\
+% endif
+</%def>
+
+<%def name="store_vec(storage_t, n, v, p, i)">\
+% if n == 1:
+STORE(${v}, ${p}, ${i})\
+% elif storage_t == 'half':
+vstore_half${n}_rte(${v}, 0, ${p} + (${i}))\
+% else:
+vstore${n}(${v}, 0, ${p} + (${i}))\
+% endif
+</%def>
+
+## Map a coordinate in the padded input (may be negative or past the end) to the input
+## coordinate that torch's padding mode reads there, clamped into the input so that lanes past
+## the output's end (which are never stored) still read in bounds. For 'zeros' the caller
+## masks the value out. (Reflection negates through mad24: a plain -i here was turned into
+## llvm.abs, which Oclgrind 21.10 cannot run.)
+<%def name="padded_index(mode, i, size)">\
+% if mode == 'reflect':
+clamp(${i} < 0 ? mad24(${i}, -1, 0) : (${i} >= ${size} ? ${2 * size - 2} - (${i}) : (${i})), 0, ${size - 1})\
+% elif mode == 'replicate':
+clamp(${i}, 0, ${size - 1})\
+% elif mode == 'circular':
+clamp(${i} < 0 ? (${i}) + ${size} : (${i} >= ${size} ? (${i}) - ${size} : (${i})), 0, ${size - 1})\
+% else:
+clamp(${i}, 0, ${size - 1})\
+% endif
+</%def>
+
+## Lane j of an n-wide vector variable (the variable itself when n == 1).
+<%def name="lane(v, n, j)">\
+${v}${'' if n == 1 else '.s' + '0123456789abcdef'[j]}\
+</%def>

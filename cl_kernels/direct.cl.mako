@@ -1,0 +1,149 @@
+## Register-tiled direct convolution.
+##
+## One work-item computes a tile of tk output channels x tw consecutive output pixels of one
+## output row; the tw pixels are one explicit vector (PoCL vectorises explicit vectors, not
+## work-items). Everything static is a constant here, so index maths folds and loops unroll.
+## The padding mode is applied where the input is read; nothing padded is materialised.
+##
+## Global range: (width tiles, batch * out_height, groups * channel blocks), rounded up to the
+## work-group size; the surplus work-items return at once (the kernel has no barriers).
+<%namespace name="c" file="common.cl.mako"/>\
+<%
+    KH, KW = kernel_size
+    SH, SW = stride
+    DH, DW = dilation
+    PT, PB, PL, PR = pad
+    KHW = KH * KW
+    k_blocks = -(-cout_g // tk)
+    w_tiles = -(-w_out // tw)
+    ragged_k = cout_g % tk != 0
+    ragged_w = w_out % tw != 0
+    accv = acc_t + (str(tw) if tw > 1 else '')
+    last_col = (tw - 1) * SW + (KW - 1) * DW   # offset of the tile's last input column
+%>\
+${c.header(storage_t, acc_t)}
+typedef ${idx_t} idx_t;
+
+<%def name="row_index(kh)">\
+% if padding_mode == 'zeros':
+        const int ih = ih0 + ${kh} * ${DH};
+        if ((uint)ih >= ${height}u) continue;
+% else:
+        const int ihp = ih0 + ${kh} * ${DH};
+        const int ih = ${c.padded_index(padding_mode, 'ihp', height)};
+% endif
+</%def>
+
+## The input vector under kernel column kw for the tile, when the whole tile is inside.
+<%def name="interior_load()">\
+% if SW == 1:
+${c.load_vec(storage_t, tw, 'xr', 'iw0 + kw * %d' % DW)}\
+% else:
+(${accv})(${', '.join('LOAD(xr, iw0 + kw * %d + %d)' % (DW, j * SW) for j in range(tw))})\
+% endif
+</%def>
+
+## Lane j's value at a tile on the border: the padding mode decides what is read.
+<%def name="border_lane(j)">\
+% if padding_mode == 'zeros':
+((uint)(iwk + ${j * SW}) < ${width}u ? LOAD(xr, clamp(iwk + ${j * SW}, 0, ${width - 1})) : (${acc_t})0)\
+% else:
+LOAD(xr, ${c.padded_index(padding_mode, 'iwk + %d' % (j * SW), width)})\
+% endif
+</%def>
+
+<%def name="accumulate(interior)">
+    for (int ci = 0; ci < ${cin_g}; ++ci) {
+        __global const ${storage_t} *xc = xg + (idx_t)ci * ${height * width};
+        const int wc = ci * ${KHW};
+        for (int kh = 0; kh < ${KH}; ++kh) {
+${row_index('kh')}\
+            __global const ${storage_t} *xr = xc + ih * ${width};
+            for (int kw = 0; kw < ${KW}; ++kw) {
+% if interior:
+                const ${accv} xv = ${interior_load()};
+% else:
+                const int iwk = iw0 + kw * ${DW};
+% if tw == 1:
+                const ${accv} xv = ${border_lane(0)};
+% else:
+                ${acc_t} lanes[${tw}];
+% for j in range(tw):
+                lanes[${j}] = ${border_lane(j)};
+% endfor
+                const ${accv} xv = vload${tw}(0, lanes);
+% endif
+% endif
+% for t in range(tk):
+                acc${t} += LOAD(w, wrow${t} + wc + kh * ${KW} + kw) * xv;
+% endfor
+            }
+        }
+    }
+</%def>
+
+__kernel void conv2d_direct(
+    __global const ${storage_t} * restrict x, const idx_t x_off,
+    __global const ${storage_t} * restrict w, const idx_t w_off,
+% if has_bias:
+    __global const ${storage_t} * restrict b, const idx_t b_off,
+% endif
+    __global ${storage_t} * restrict y, const idx_t y_off,
+    const int batch)
+{
+    const int tile = get_global_id(0);
+    const int row = get_global_id(1);
+    const int kb = get_global_id(2);
+    if (tile >= ${w_tiles} || row >= batch * ${h_out} || kb >= ${groups * k_blocks})
+        return;
+    const int n = row / ${h_out};
+    const int oh = row - n * ${h_out};
+    const int g = kb / ${k_blocks};
+    const int k0 = (kb - g * ${k_blocks}) * ${tk};
+    const int ow0 = tile * ${tw};
+    const int ih0 = oh * ${SH} - ${PT};
+    const int iw0 = ow0 * ${SW} - ${PL};
+
+    __global const ${storage_t} *xg = x + x_off + ((idx_t)n * ${cin} + g * ${cin_g}) * ${height * width};
+% for t in range(tk):
+% if ragged_k:
+    const idx_t wrow${t} = w_off + (idx_t)(g * ${cout_g} + min(k0 + ${t}, ${cout_g - 1})) * ${cin_g * KHW};
+% else:
+    const idx_t wrow${t} = w_off + (idx_t)(g * ${cout_g} + k0 + ${t}) * ${cin_g * KHW};
+% endif
+    ${accv} acc${t} = (${accv})0;
+% endfor
+
+    if (iw0 >= 0 && iw0 + ${last_col} < ${width}) {
+${accumulate(True)}
+    } else {
+${accumulate(False)}
+    }
+
+    const int ohw = oh * ${w_out} + ow0;
+% for t in range(tk):
+% if ragged_k:
+    if (k0 + ${t} < ${cout_g}) {
+% else:
+    {
+% endif
+        const idx_t yi = y_off + ((idx_t)n * ${cout} + g * ${cout_g} + k0 + ${t}) * ${h_out * w_out} + ohw;
+% if has_bias:
+        const ${accv} v = acc${t} + LOAD(b, b_off + g * ${cout_g} + k0 + ${t});
+% else:
+        const ${accv} v = acc${t};
+% endif
+% if ragged_w:
+        if (ow0 + ${tw} <= ${w_out}) {
+            ${c.store_vec(storage_t, tw, 'v', 'y', 'yi')};
+        } else {
+% for j in range(tw):
+            if (ow0 + ${j} < ${w_out}) STORE(${c.lane('v', tw, j)}, y, yi + ${j});
+% endfor
+        }
+% else:
+        ${c.store_vec(storage_t, tw, 'v', 'y', 'yi')};
+% endif
+    }
+% endfor
+}

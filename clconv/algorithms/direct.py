@@ -1,0 +1,73 @@
+"""Register-tiled direct convolution: any stride, dilation, padding mode and groups."""
+from __future__ import annotations
+
+from .base import Algorithm, Param, index_type, work_group_problem
+
+# tw is one OpenCL vector. 16-wide vectors crashed PoCL 3.0's LLVM 14 ("Do not know how to
+# scalarize") on an AVX2 target; 3-wide ones crash Oclgrind 21.10's uninitialised-value check.
+VECTOR_WIDTHS = (1, 2, 4, 8)
+MAX_ACCUMULATORS = 128                  # tk * tw register bound (scalars)
+
+
+class Direct(Algorithm):
+    name = "direct"
+    template = "direct.cl.mako"
+    kernel_name = "conv2d_direct"
+    params = (
+        Param("tk", tuple(range(1, 17)), "output channels per work-item"),
+        Param("tw", VECTOR_WIDTHS, "output pixels per work-item along the row (one vector)"),
+        Param("lx", (1, 2, 4, 8, 16, 32), "work-group size along width tiles"),
+        Param("ly", (1, 2, 4, 8, 16), "work-group size along output rows"),
+        Param("lz", (1, 2, 4, 8), "work-group size along output-channel blocks"),
+    )
+
+    def constraints(self, problem, info, config):
+        if config["tw"] not in VECTOR_WIDTHS:
+            return f"tw must be one of {VECTOR_WIDTHS}"
+        if not 1 <= config["tk"] <= problem.cout_per_group:
+            return "tk must be between 1 and the output channels per group"
+        scalars = config["tk"] * config["tw"] * (2 if problem.dtype == "float64" else 1)
+        if scalars > MAX_ACCUMULATORS:
+            return f"tk*tw accumulators ({scalars} scalar registers) exceed {MAX_ACCUMULATORS}"
+        return work_group_problem((config["lx"], config["ly"], config["lz"]), info)
+
+    def default_config(self, problem, info):
+        w_out, cout_g = problem.out_width, problem.cout_per_group
+        tw = 8 if w_out >= 6 else 4 if w_out >= 3 else w_out  # w_out 1 or 2
+        # Spread the group's channels evenly over blocks of at most 8.
+        blocks = -(-cout_g // 8)
+        tk = -(-cout_g // blocks)
+        if info.is_cpu:
+            # A work-group runs on one core; independent work-items are enough.
+            local = (1, 1, 1)
+        else:
+            tw, tk = min(tw, 4), min(tk, 4)
+            local = (min(16, _pow2_at_most(-(-w_out // tw))), 4, 1)
+            while work_group_problem(local, info):
+                local = (max(1, local[0] // 2), max(1, local[1] // 2), 1)
+        return {"tk": tk, "tw": tw, "lx": local[0], "ly": local[1], "lz": local[2]}
+
+    def constants(self, problem, config):
+        return dict(
+            # idx_t may be forced to 'long' (tests cover that variant on small problems).
+            dtype=problem.dtype, idx_t=config.get("idx_t") or index_type(problem),
+            kernel_size=problem.kernel_size, stride=problem.stride,
+            dilation=problem.dilation, pad=problem.pad, padding_mode=problem.padding_mode,
+            height=problem.height, width=problem.width,
+            h_out=problem.out_height, w_out=problem.out_width,
+            cin=problem.in_channels, cout=problem.out_channels, groups=problem.groups,
+            cin_g=problem.cin_per_group, cout_g=problem.cout_per_group,
+            has_bias=problem.has_bias, tk=config["tk"], tw=config["tw"])
+
+    def ranges(self, problem, config):
+        tiles = -(-problem.out_width // config["tw"])
+        blocks = problem.groups * -(-problem.cout_per_group // config["tk"])
+        items = (tiles, problem.batch * problem.out_height, blocks)
+        return items, (config["lx"], config["ly"], config["lz"])
+
+
+def _pow2_at_most(n):
+    p = 1
+    while p * 2 <= n:
+        p *= 2
+    return p

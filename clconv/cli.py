@@ -1,0 +1,69 @@
+"""The `clconv` command: `clconv info`, `clconv bench`."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .device import NoDeviceError, all_devices, choose_device, device_info, queue_for
+
+
+def _size(nbytes):
+    return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**10:.0f} KiB"
+
+
+def cmd_info(args):
+    chosen = choose_device(args.device)
+    last_platform = None
+    for platform, device in all_devices():
+        if platform != last_platform:
+            print(f"platform: {platform.name.strip()} ({platform.version.strip()})")
+            last_platform = platform
+        info = device_info(device)
+        mark = "*" if device == chosen else " "
+        print(f" {mark} {info.name}  [{'CPU' if info.is_cpu else 'GPU/accelerator'}, "
+              f"{info.vendor}, driver {info.driver_version}]")
+        if device == chosen:
+            print(f"      compute units {info.compute_units}, max work-group "
+                  f"{info.max_work_group_size} {info.max_work_item_sizes}, local memory "
+                  f"{_size(info.local_mem_size)}, global memory {_size(info.global_mem_size)}, "
+                  f"max allocation {_size(info.max_mem_alloc_size)}")
+            print(f"      fp16 (cl_khr_fp16) {'yes' if info.fp16 else 'no'}, fp64 "
+                  f"{'yes' if info.fp64 else 'no'}; float16 works either way (half storage, "
+                  "float32 arithmetic)")
+    print("* = the device clconv uses (CLCONV_DEVICE=substring or --device to choose)")
+    return 0
+
+
+def cmd_bench(args):
+    from . import bench
+    queue = queue_for(args.device)
+    _, ok = bench.main(queue, suite=args.suite, only=args.only, batch=args.batch,
+                       repeats=args.repeats, with_torch=not args.no_torch)
+    return 0 if ok else 1
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="clconv", description="torch.nn.Conv2d on OpenCL")
+    sub = parser.add_subparsers(dest="command", required=True)
+    info = sub.add_parser("info", help="list OpenCL devices and the chosen one's limits")
+    info.add_argument("--device", help="device name substring (default: CLCONV_DEVICE, "
+                      "else the first GPU, else any device)")
+    info.set_defaults(func=cmd_info)
+    bench = sub.add_parser("bench", help="check and time the standard layer suite")
+    bench.add_argument("--device", help="device name substring")
+    bench.add_argument("--suite", help="a layer suite JSON file (default: the standard suite)")
+    bench.add_argument("--only", help="only layers whose name contains this")
+    bench.add_argument("--batch", type=int, help="override every layer's batch size")
+    bench.add_argument("--repeats", type=int, default=10, help="timed runs per layer")
+    bench.add_argument("--no-torch", action="store_true", help="skip the torch comparison")
+    bench.set_defaults(func=cmd_bench)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except NoDeviceError as err:
+        print(f"clconv: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

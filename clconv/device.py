@@ -1,0 +1,127 @@
+"""Which OpenCL device clconv runs on, and what that device can do.
+
+Order of choice: an explicit queue, an explicit device (object or name substring), the
+CLCONV_DEVICE name substring, PYOPENCL_CTX (pyopencl's own rule), else the first GPU found,
+else any OpenCL device.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+
+import pyopencl as cl
+
+NO_DRIVER_HELP = ("no OpenCL platform found. Install an OpenCL driver for your device, or the "
+                  "embedded CPU device: pip install 'clconv[pocl]' (pyopencl[pocl])")
+
+
+class NoDeviceError(RuntimeError):
+    """No OpenCL device matches (or none is installed)."""
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """The limits and features of one device that kernels are specialised and checked on."""
+    name: str
+    vendor: str
+    platform: str
+    driver_version: str
+    is_cpu: bool
+    compute_units: int
+    max_work_group_size: int
+    max_work_item_sizes: tuple
+    local_mem_size: int
+    max_mem_alloc_size: int
+    global_mem_size: int
+    fp16: bool
+    fp64: bool
+
+    @classmethod
+    def of(cls, device):
+        ext = device.extensions.split()
+        return cls(
+            name=device.name.strip(), vendor=device.vendor.strip(),
+            platform=device.platform.name.strip(), driver_version=device.driver_version.strip(),
+            is_cpu=bool(device.type & cl.device_type.CPU),
+            compute_units=device.max_compute_units,
+            max_work_group_size=device.max_work_group_size,
+            max_work_item_sizes=tuple(device.max_work_item_sizes),
+            local_mem_size=device.local_mem_size,
+            max_mem_alloc_size=device.max_mem_alloc_size,
+            global_mem_size=device.global_mem_size,
+            fp16="cl_khr_fp16" in ext,
+            fp64="cl_khr_fp64" in ext or device.double_fp_config != 0,
+        )
+
+
+def device_info(device) -> DeviceInfo:
+    return _info_cached(device)
+
+
+@lru_cache(maxsize=None)
+def _info_cached(device):
+    return DeviceInfo.of(device)
+
+
+def all_devices():
+    """[(platform, device)] for every device of every platform."""
+    try:
+        platforms = cl.get_platforms()
+    except cl.Error:
+        platforms = []
+    found = []
+    for platform in platforms:
+        try:
+            found += [(platform, d) for d in platform.get_devices()]
+        except cl.Error:    # a platform with no devices raises DEVICE_NOT_FOUND
+            pass
+    return found
+
+
+def _matches(device, substring):
+    text = f"{device.name} {device.vendor} {device.platform.name}".lower()
+    return substring.lower() in text
+
+
+def choose_device(name=None):
+    """The device clconv uses when none is given explicitly (see module docstring)."""
+    devices = [d for _, d in all_devices()]
+    if not devices:
+        raise NoDeviceError(NO_DRIVER_HELP)
+    name = name if name is not None else os.environ.get("CLCONV_DEVICE")
+    if name:
+        chosen = [d for d in devices if _matches(d, name)]
+        if not chosen:
+            listing = "; ".join(f"{d.name.strip()} ({d.platform.name.strip()})" for d in devices)
+            raise NoDeviceError(f"no OpenCL device matches {name!r}; devices: {listing}")
+        return chosen[0]
+    if os.environ.get("PYOPENCL_CTX") is not None:
+        return cl.create_some_context(interactive=False).devices[0]
+    gpus = [d for d in devices if d.type & cl.device_type.GPU]
+    return (gpus or devices)[0]
+
+
+_queues = {}
+
+
+def queue_for(device=None, queue=None):
+    """A profiling-enabled command queue for the chosen device; one shared queue per device."""
+    if queue is not None:
+        if not isinstance(queue, cl.CommandQueue):
+            raise TypeError(f"queue must be a pyopencl.CommandQueue, got {type(queue).__name__}")
+        return queue
+    if device is None or isinstance(device, str):
+        device = choose_device(device)
+    elif not isinstance(device, cl.Device):
+        raise TypeError("device must be a pyopencl.Device or a name substring, got "
+                        f"{type(device).__name__}")
+    if device not in _queues:
+        ctx = cl.Context([device])
+        _queues[device] = cl.CommandQueue(
+            ctx, properties=cl.command_queue_properties.PROFILING_ENABLE)
+    return _queues[device]
+
+
+def default_queue():
+    return queue_for()

@@ -1,0 +1,84 @@
+"""conv2d: check the call, plan it, launch it."""
+from __future__ import annotations
+
+import numpy as np
+
+from . import algorithms, arrays
+from .device import device_info, queue_for
+from .problem import INT32_LIMIT, make_problem
+
+
+def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1,
+           padding_mode="zeros", *, queue=None):
+    """torch.nn.Conv2d's forward as a function (torch.nn.functional.conv2d plus padding_mode).
+
+    input: (N, C_in, H, W) or unbatched (C_in, H, W); a NumPy array (the result is one) or a
+    pyopencl.array.Array (the result is one, on the same queue, and nothing crosses to the
+    host). weight: (C_out, C_in/groups, kH, kW); bias: (C_out,) or None. float16, float32 or
+    float64, all alike. queue: an explicit pyopencl.CommandQueue (by default the input's, else
+    clconv's device).
+    """
+    x = _operand(input, "input")
+    w = _operand(weight, "weight")
+    b = None if bias is None else _operand(bias, "bias")
+    problem, unbatched = make_problem(
+        x.shape, x.dtype, w.shape, w.dtype, None if b is None else b.shape,
+        None if b is None else b.dtype, stride, padding, dilation, groups, padding_mode)
+    queue = _resolve_queue(queue, x, w, b)
+    check_device_limits(problem, queue.device)
+    return run(problem, unbatched, queue, x, w, b)
+
+
+def _operand(a, name):
+    return a if arrays.is_device_array(a) else arrays.as_host_array(a, name)
+
+
+def _resolve_queue(queue, *operands):
+    if queue is not None:
+        return queue_for(queue=queue)
+    for a in operands:
+        if arrays.is_device_array(a) and a.queue is not None:
+            return a.queue
+    return queue_for()
+
+
+def check_device_limits(problem, device):
+    """Reject what the device cannot hold or compute, with the reason, before any work."""
+    info = device_info(device)
+    if problem.dtype == "float64" and not info.fp64:
+        raise TypeError(f"float64 needs the cl_khr_fp64 extension, which {info.name} lacks; "
+                        "use float32")
+    itemsize = problem.numpy_dtype.itemsize
+    sizes = {"input": problem.input_shape, "weight": problem.weight_shape,
+             "output": problem.output_shape}
+    total = 0
+    for name, shape in sizes.items():
+        nbytes = int(np.prod(shape, dtype=np.int64)) * itemsize
+        total += nbytes
+        if nbytes > info.max_mem_alloc_size:
+            raise ValueError(f"the {name} ({nbytes / 2**20:.0f} MiB) exceeds {info.name}'s "
+                             f"largest allocation ({info.max_mem_alloc_size / 2**20:.0f} MiB); "
+                             "split the batch")
+    if total > info.global_mem_size:
+        raise ValueError(f"input, weight and output together ({total / 2**20:.0f} MiB) exceed "
+                         f"{info.name}'s memory ({info.global_mem_size / 2**20:.0f} MiB)")
+    if problem.batch * problem.out_height > INT32_LIMIT:
+        raise ValueError("batch * output height exceeds 2**31 - 1; split the batch")
+
+
+def run(problem, unbatched, queue, x, w, b):
+    """Launch a checked problem. x, w, b: NumPy or pyopencl arrays (b may be None)."""
+    on_device = arrays.is_device_array(x)
+    out_shape = problem.output_shape[1:] if unbatched else problem.output_shape
+    if problem.batch == 0:
+        dtype = problem.numpy_dtype
+        return arrays.empty(queue, out_shape, dtype) if on_device else np.empty(out_shape, dtype)
+    operands = [arrays.operand(queue, a) for a in (x, w) + ((b,) if b is not None else ())]
+    y = arrays.empty(queue, out_shape, problem.numpy_dtype)
+    waits = [e for _, _, a in operands for e in a.events]
+    launch = algorithms.plan(problem, queue)
+    event = launch(queue, operands[0][:2], operands[1][:2],
+                   operands[2][:2] if b is not None else None, (y.base_data, 0),
+                   problem.batch, wait_for=waits or None)
+    y.add_event(event)
+    return y if on_device else y.get()

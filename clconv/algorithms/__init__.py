@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..device import device_info
-from .base import Algorithm, Launch, Param
+from .base import Algorithm, Launch, Param, index_type
 from .direct import Direct
 
 ALGORITHMS = {a.name: a for a in (Direct(),)}
@@ -19,8 +19,10 @@ def choose(problem, info):
 
 
 def plan(problem, queue) -> Launch:
-    """The ready launch for problem on queue's device; built once, then a dict look-up."""
-    key = (problem, queue.context, queue.device)
+    """The ready launch for problem on queue's device; built once, then a dict look-up.
+    Kernels take the batch size as an argument, so one launch serves every batch size (as
+    long as its flat indices keep fitting the index type it was built with)."""
+    key = (problem.with_batch(1), index_type(problem), queue.context, queue.device)
     launch = _plans.get(key)
     if launch is None:
         algorithm, config = choose(problem, device_info(queue.device))

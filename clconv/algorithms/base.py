@@ -27,18 +27,19 @@ class Param:
 
 
 class Launch:
-    """A built kernel and its NDRange for one problem; call it with device buffers."""
+    """A built kernel for one problem (any batch size); call it with device buffers."""
 
     def __init__(self, kernel, global_size, local_size, has_bias):
         self.kernel = kernel
-        self.global_size = global_size
+        self.global_size = global_size      # batch -> NDRange (rounded to local_size)
         self.local_size = local_size
         self.has_bias = has_bias
 
     def __call__(self, queue, x, w, b, y, batch, wait_for=None):
         """x, w, b, y: (buffer, element offset) pairs (b is None without bias)."""
         args = [*x, *w, *(b if self.has_bias else ()), *y, batch]
-        return self.kernel(queue, self.global_size, self.local_size, *args, wait_for=wait_for)
+        return self.kernel(queue, self.global_size(batch), self.local_size, *args,
+                           wait_for=wait_for)
 
 
 def round_up(n, multiple):
@@ -87,9 +88,6 @@ class Algorithm:
         """(work-items needed per dimension, local size)."""
         raise NotImplementedError
 
-    def render(self, problem, config) -> str:
-        return programs.render(self.template, **self.constants(problem, config))
-
     def build(self, problem, queue, config) -> Launch:
         info = device_info(queue.device)
         reason = self.constraints(problem, info, config)
@@ -98,13 +96,16 @@ class Algorithm:
         constants = self.constants(problem, config)
         prg = programs.program(queue.context, programs.render(self.template, **constants))
         kernel = getattr(prg, self.kernel_name)
-        items, local = self.ranges(problem, config)
+        local = self.ranges(problem, config)[1]
         kernel_limit = kernel.get_work_group_info(cl.kernel_work_group_info.WORK_GROUP_SIZE,
                                                   queue.device)
         reason = work_group_problem(local, info, kernel_limit)
         if reason:
             raise ValueError(f"{self.name} config {config}: {reason}")
-        global_size = tuple(round_up(n, l) for n, l in zip(items, local))
+
+        def global_size(batch):
+            items = self.ranges(problem.with_batch(batch), config)[0]
+            return tuple(round_up(n, l) for n, l in zip(items, local))
         idx = np.int32 if constants["idx_t"] == "int" else np.int64
         arg_types = [None, idx, None, idx] + ([None, idx] if problem.has_bias else [])
         kernel.set_scalar_arg_dtypes(arg_types + [None, idx, np.int32])

@@ -1,0 +1,72 @@
+"""Device choice and the `clconv info` / `clconv bench` commands."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import clconv
+from clconv import device as device_mod
+from clconv import programs
+
+
+def test_clconv_device_substring_chooses_and_rejects(monkeypatch, queue):
+    name = queue.device.name
+    monkeypatch.setenv("CLCONV_DEVICE", name[2:8].upper())
+    assert clconv.choose_device() == queue.device
+    monkeypatch.setenv("CLCONV_DEVICE", "no-such-device-xyz")
+    with pytest.raises(clconv.NoDeviceError, match="no-such-device-xyz"):
+        clconv.choose_device()
+
+
+def test_no_driver_says_to_install_pocl(monkeypatch):
+    monkeypatch.setattr(device_mod, "all_devices", lambda: [])
+    with pytest.raises(clconv.NoDeviceError, match="pocl"):
+        clconv.choose_device()
+
+
+def test_device_argument_type_is_checked():
+    with pytest.raises(TypeError, match="device"):
+        clconv.Conv2d(1, 1, 1, device=3.5)
+
+
+def test_kernel_templates_ship_with_the_package():
+    kernels = programs.kernels_dir()
+    assert {"direct.cl.mako", "common.cl.mako", "gather.cl.mako"} <= {
+        p.name for p in kernels.glob("*.mako")}
+    if "site-packages" in clconv.__file__:     # an installed (non-editable) clconv
+        assert kernels.parent.resolve() == __import__("pathlib").Path(clconv.__file__).parent.resolve()
+
+
+def test_second_call_does_no_rendering_or_compiling(monkeypatch, rng):
+    x = rng.standard_normal((1, 3, 7, 7)).astype(np.float32)
+    w = rng.standard_normal((2, 3, 3, 3)).astype(np.float32)
+    first = clconv.conv2d(x, w, padding=2, dilation=2)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("rendered or compiled again")
+    monkeypatch.setattr(programs, "render", forbidden)
+    monkeypatch.setattr(programs.cl, "Program", forbidden)
+    assert np.array_equal(clconv.conv2d(x, w, padding=2, dilation=2), first)
+    # another batch size reuses the compiled program too
+    clconv.conv2d(np.concatenate([x, x]), w, padding=2, dilation=2)
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "clconv", *args], capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_info_lists_and_marks_the_device(queue):
+    proc = run_cli("info")
+    assert proc.returncode == 0, proc.stderr
+    assert f"* {queue.device.name.strip()}" in proc.stdout
+    assert "max work-group" in proc.stdout and "fp64" in proc.stdout
+
+
+def test_bench_prints_a_checked_table():
+    proc = run_cli("bench", "--only", "mbv2_dw3x3_960", "--repeats", "2")
+    assert proc.returncode == 0, proc.stderr
+    row = [l for l in proc.stdout.splitlines() if l.startswith("mbv2_dw3x3_960")]
+    assert row and row[0].rstrip().endswith("ok"), proc.stdout
+    assert "GFLOP/s" in proc.stdout and "[1/1]" in proc.stderr

@@ -18,13 +18,15 @@
 </%def>
 
 ## A vector of n consecutive elements from p + i, as acc_t vector (or scalar when n == 1).
+## float/double vectors are built from scalar loads, which LLVM merges into one unaligned
+## vector load; PoCL's vloadn/vstoren are out-of-line calls (10x slower in the inner loop).
 <%def name="load_vec(storage_t, n, p, i)">\
 % if n == 1:
 LOAD(${p}, ${i})\
 % elif storage_t == 'half':
 vload_half${n}(0, ${p} + (${i}))\
 % else:
-vload${n}(0, ${p} + (${i}))\
+(${storage_t}${n})(${', '.join('(%s)[(%s) + %d]' % (p, i, j) for j in range(n))})\
 % endif
 </%def>
 
@@ -34,7 +36,7 @@ STORE(${v}, ${p}, ${i})\
 % elif storage_t == 'half':
 vstore_half${n}_rte(${v}, 0, ${p} + (${i}))\
 % else:
-vstore${n}(${v}, 0, ${p} + (${i}))\
+${', '.join('(%s)[(%s) + %d] = %s' % (p, i, j, capture(lane, v, n, j)) for j in range(n))}\
 % endif
 </%def>
 

@@ -55,27 +55,23 @@ LOAD(xr, ${c.padded_index(padding_mode, 'iwk + %d' % (j * SW), width)})\
 <%def name="accumulate(interior)">
     for (int ci = 0; ci < ${cin_g}; ++ci) {
         __global const ${storage_t} *xc = xg + (idx_t)ci * ${height * width};
-        const int wc = ci * ${KHW};
+% for t in range(tk):
+        __global const ${storage_t} *w${t} = w + wrow${t} + ci * ${KHW};
+% endfor
+        #pragma unroll
         for (int kh = 0; kh < ${KH}; ++kh) {
 ${row_index('kh')}\
             __global const ${storage_t} *xr = xc + ih * ${width};
+            #pragma unroll
             for (int kw = 0; kw < ${KW}; ++kw) {
 % if interior:
                 const ${accv} xv = ${interior_load()};
 % else:
                 const int iwk = iw0 + kw * ${DW};
-% if tw == 1:
-                const ${accv} xv = ${border_lane(0)};
-% else:
-                ${acc_t} lanes[${tw}];
-% for j in range(tw):
-                lanes[${j}] = ${border_lane(j)};
-% endfor
-                const ${accv} xv = vload${tw}(0, lanes);
-% endif
+                const ${accv} xv = (${accv})(${', '.join(capture(border_lane, j) for j in range(tw))});
 % endif
 % for t in range(tk):
-                acc${t} += LOAD(w, wrow${t} + wc + kh * ${KW} + kw) * xv;
+                acc${t} += LOAD(w${t}, kh * ${KW} + kw) * xv;
 % endfor
             }
         }

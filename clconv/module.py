@@ -32,8 +32,7 @@ class Conv2d:
                                                  groups, padding_mode)
         self.in_channels, self.out_channels = check_channels(in_channels, out_channels,
                                                              self.groups)
-        dtype = np.dtype(dtype)
-        dtype_name(dtype, "dtype")
+        dtype = np.dtype(dtype_name(dtype, "dtype"))
         if device is not None and not isinstance(device, str):
             queue_for(device=device)   # type check now; the queue itself is made on first use
         self._device, self._queue = device, queue
@@ -118,8 +117,7 @@ class Conv2d:
 
     def to(self, dtype):
         """Convert the parameters to dtype (float16/32/64) in place; returns self."""
-        dtype = np.dtype(dtype)
-        dtype_name(dtype, "dtype")
+        dtype = np.dtype(dtype_name(dtype, "dtype"))
         self.weight = self.weight.astype(dtype)
         if self.bias is not None:
             self.bias = self.bias.astype(dtype)

@@ -27,12 +27,13 @@ def as_int(value, name):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}") from None
 
 
-def as_pair(value, name):
-    """An int or a pair of ints (height, width), as torch's _pair."""
-    if isinstance(value, (tuple, list)):
-        if len(value) != 2:
+def as_pair(value, name, single_ok=True):
+    """An int or a pair of ints (height, width), as torch's _pair. F.conv2d also expands a
+    one-element stride/padding/dilation; a one-element kernel_size fails in torch."""
+    if isinstance(value, (tuple, list, np.ndarray)):
+        if len(value) != 2 and not (single_ok and len(value) == 1):
             raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
-        return (as_int(value[0], name), as_int(value[1], name))
+        return (as_int(value[0], name), as_int(value[-1], name))
     v = as_int(value, name)
     return (v, v)
 
@@ -49,7 +50,8 @@ def normalise_geometry(kernel_size, stride, padding, dilation, groups, padding_m
 
     padding comes back as the string 'valid'/'same' or a pair of ints, like torch stores it.
     """
-    kernel_size = check_at_least(as_pair(kernel_size, "kernel_size"), "kernel_size", 1)
+    kernel_size = check_at_least(as_pair(kernel_size, "kernel_size", single_ok=False),
+                                 "kernel_size", 1)
     stride = check_at_least(as_pair(stride, "stride"), "stride", 1)
     dilation = check_at_least(as_pair(dilation, "dilation"), "dilation", 1)
     if isinstance(padding, str):
@@ -98,7 +100,13 @@ def explicit_padding(padding, kernel_size, dilation):
 
 
 def dtype_name(dtype, name):
-    dt = np.dtype(dtype)
+    if hasattr(dtype, "is_floating_point"):       # a torch dtype, e.g. torch.float64
+        dtype = str(dtype).replace("torch.", "")
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"{name}: {dtype!r} is not a dtype clconv supports "
+                        "(float16, float32, float64)") from None
     if dt not in DTYPES:
         raise TypeError(f"{name} has dtype {dt}; clconv supports float16, float32 and float64")
     return DTYPES[dt]
@@ -192,13 +200,13 @@ def make_problem(input_shape, input_dtype, weight_shape, weight_dtype, bias_shap
     if len(weight_shape) != 4:
         raise ValueError(f"weight must be 4-D (out_channels, in_channels/groups, kH, kW), "
                          f"got shape {weight_shape}")
+    if min(weight_shape) < 1:
+        raise ValueError(f"weight must have non-zero sizes (out_channels, in_channels/groups, "
+                         f"kH, kW), got shape {weight_shape}")
     kernel_size = weight_shape[2:]
     kernel_size, stride, padding, dilation, groups, padding_mode = normalise_geometry(
         kernel_size, stride, padding, dilation, groups, padding_mode)
     cout = weight_shape[0]
-    if min(weight_shape[:2]) < 1:
-        raise ValueError(f"weight must have non-zero out_channels and in_channels/groups, "
-                         f"got shape {weight_shape}")
     if cout % groups:
         raise ValueError(f"weight.shape[0] (out_channels={cout}) must be divisible by "
                          f"groups={groups}")

@@ -26,6 +26,10 @@ class Direct(Algorithm):
             return f"tw must be one of {VECTOR_WIDTHS}"
         if not 1 <= config["tk"] <= problem.cout_per_group:
             return "tk must be between 1 and the output channels per group"
+        if problem.dtype == "float64" and config["tw"] > 4:
+            # No 512-bit vectors: PoCL passes them to its builtins with a mismatched ABI on
+            # AVX2 targets (it warns so), which crashed a float64 run here.
+            return "tw must be <= 4 for float64"
         scalars = config["tk"] * config["tw"] * (2 if problem.dtype == "float64" else 1)
         if scalars > MAX_ACCUMULATORS:
             return f"tk*tw accumulators ({scalars} scalar registers) exceed {MAX_ACCUMULATORS}"
@@ -34,6 +38,8 @@ class Direct(Algorithm):
     def default_config(self, problem, info):
         w_out, cout_g = problem.out_width, problem.cout_per_group
         tw = 8 if w_out >= 6 else 4 if w_out >= 3 else w_out  # w_out 1 or 2
+        if problem.dtype == "float64":
+            tw = min(tw, 4)
         # Spread the group's channels evenly over blocks of at most 8.
         blocks = -(-cout_g // 8)
         tk = -(-cout_g // blocks)

@@ -21,12 +21,17 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1,
     x = _operand(input, "input")
     w = _operand(weight, "weight")
     b = None if bias is None else _operand(bias, "bias")
-    problem, unbatched = make_problem(
-        x.shape, x.dtype, w.shape, w.dtype, None if b is None else b.shape,
-        None if b is None else b.dtype, stride, padding, dilation, groups, padding_mode)
+    problem, unbatched = check_call(x, w, b, stride, padding, dilation, groups, padding_mode)
     queue = _resolve_queue(queue, x, w, b)
     check_device_limits(problem, queue.device)
     return run(problem, unbatched, queue, x, w, b)
+
+
+def check_call(x, w, b, stride, padding, dilation, groups, padding_mode):
+    """(Problem, unbatched) of a call on arrays x, w and b (b may be None)."""
+    return make_problem(x.shape, x.dtype, w.shape, w.dtype, None if b is None else b.shape,
+                        None if b is None else b.dtype, stride, padding, dilation, groups,
+                        padding_mode)
 
 
 def _operand(a, name):

@@ -8,8 +8,8 @@ import numpy as np
 
 from . import arrays
 from .device import queue_for
-from .functional import _operand, _resolve_queue, check_device_limits, run
-from .problem import check_channels, dtype_name, make_problem, normalise_geometry
+from .functional import _operand, _resolve_queue, check_call, check_device_limits, run
+from .problem import check_channels, dtype_name, normalise_geometry
 
 IncompatibleKeys = namedtuple("IncompatibleKeys", ["missing_keys", "unexpected_keys"])
 
@@ -76,10 +76,8 @@ class Conv2d:
         if tuple(w.shape) != expected:
             raise ValueError(f"weight has shape {tuple(w.shape)}, but this module needs "
                              f"{expected}")
-        problem, unbatched = make_problem(
-            x.shape, x.dtype, w.shape, w.dtype, None if b is None else b.shape,
-            None if b is None else b.dtype, self.stride, self.padding, self.dilation,
-            self.groups, self.padding_mode)
+        problem, unbatched = check_call(x, w, b, self.stride, self.padding, self.dilation,
+                                        self.groups, self.padding_mode)
         queue = _resolve_queue(None, x) if arrays.is_device_array(x) else self.queue
         check_device_limits(problem, queue.device)
         return run(problem, unbatched, queue, x, self._device_copy("weight", queue),

@@ -37,11 +37,15 @@ class Direct(Algorithm):
 
     def default_config(self, problem, info):
         w_out, cout_g = problem.out_width, problem.cout_per_group
-        tw = 8 if w_out >= 6 else 4 if w_out >= 3 else w_out  # w_out 1 or 2
+        # Measured on PoCL (AVX2): 8-wide rows, except mid-sized rows where 4-wide tiles
+        # leave more tiles on the fast interior path; small images want more channels per
+        # work-item to reuse each input vector.
+        tw = 4 if 8 < w_out < 28 else 8 if w_out >= 6 else 4 if w_out >= 3 else w_out
         if problem.dtype == "float64":
             tw = min(tw, 4)
-        # Spread the group's channels evenly over blocks of at most 8.
-        blocks = -(-cout_g // 8)
+        most_k = 16 if w_out < 28 else 8
+        # Spread the group's channels evenly over blocks of at most most_k.
+        blocks = -(-cout_g // most_k)
         tk = -(-cout_g // blocks)
         if info.is_cpu:
             # A work-group runs on one core; independent work-items are enough.

@@ -62,7 +62,6 @@ LOAD(xr, ${c.padded_index(padding_mode, 'iwk + %d' % (j * SW), width)})\
         for (int kh = 0; kh < ${KH}; ++kh) {
 ${row_index('kh')}\
             __global const ${storage_t} *xr = xc + ih * ${width};
-            #pragma unroll
             for (int kw = 0; kw < ${KW}; ++kw) {
 % if interior:
                 const ${accv} xv = ${interior_load()};

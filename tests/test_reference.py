@@ -176,15 +176,21 @@ def _torch():
     return pytest.importorskip("torch")
 
 
-@pytest.mark.parametrize("c", BROAD, ids=[c.label() for c in BROAD])
-def test_reference_matches_torch_broad(c):
-    torch = _torch()
+def check_against_torch_float64(c):
+    """The reference equals torch.nn.Conv2d in float64 within the float64 bound."""
     x, w, b = make_data(c, np.float64)
     y = conv2d_reference(x, w, b, **c.kwargs())
     t = torch_conv2d(x, w, b, c)
     assert y.shape == t.shape == c.out_shape()
     bound = conv2d_abs_bound(x, w, b, **c.kwargs())
     assert max_violation(y, t, tolerance(np.float64, reduction_length(w, b), bound)) <= 1.0
+    return x, w, b, y, bound
+
+
+@pytest.mark.parametrize("c", BROAD, ids=[c.label() for c in BROAD])
+def test_reference_matches_torch_broad(c):
+    torch = _torch()
+    x, w, b, y, bound = check_against_torch_float64(c)
     if c.mode == "zeros":
         # functional form as well
         ft = torch.nn.functional.conv2d(
@@ -199,12 +205,7 @@ SWEEP = sweep_configs()
 @pytest.mark.parametrize("c", [c for _, c, _ in SWEEP], ids=[i for i, _, _ in SWEEP])
 def test_reference_matches_torch_sweep(c):
     _torch()
-    x, w, b = make_data(c, np.float64)
-    y = conv2d_reference(x, w, b, **c.kwargs())
-    t = torch_conv2d(x, w, b, c)
-    assert y.shape == t.shape == c.out_shape()
-    bound = conv2d_abs_bound(x, w, b, **c.kwargs())
-    assert max_violation(y, t, tolerance(np.float64, reduction_length(w, b), bound)) <= 1.0
+    check_against_torch_float64(c)
     # A real float32 implementation (torch CPU) must fit the float32 bound,
     # otherwise the bound would be unfairly tight.
     x32, w32, b32 = make_data(c, np.float32)

@@ -26,7 +26,7 @@ def plan(problem, queue) -> Launch:
     launch = _plans.get(key)
     if launch is None:
         algorithm, config = choose(problem, device_info(queue.device))
-        launch = _plans[key] = algorithm.build(problem, queue, config)
+        launch = _plans[key] = algorithm.build(problem, queue, config, strict=False)
     return launch
 
 

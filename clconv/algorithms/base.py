@@ -88,7 +88,9 @@ class Algorithm:
         """(work-items needed per dimension, local size)."""
         raise NotImplementedError
 
-    def build(self, problem, queue, config) -> Launch:
+    def build(self, problem, queue, config, strict=True) -> Launch:
+        """The ready Launch of config. strict=False shrinks a work-group the compiled kernel
+        cannot run (its own limit can be below the device's) instead of raising."""
         info = device_info(queue.device)
         reason = self.constraints(problem, info, config)
         if reason:
@@ -99,6 +101,9 @@ class Algorithm:
         local = self.ranges(problem, config)[1]
         kernel_limit = kernel.get_work_group_info(cl.kernel_work_group_info.WORK_GROUP_SIZE,
                                                   queue.device)
+        while work_group_problem(local, info, kernel_limit) and not strict and max(local) > 1:
+            largest = local.index(max(local))
+            local = local[:largest] + (local[largest] // 2,) + local[largest + 1:]
         reason = work_group_problem(local, info, kernel_limit)
         if reason:
             raise ValueError(f"{self.name} config {config}: {reason}")

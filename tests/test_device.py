@@ -19,6 +19,13 @@ def test_clconv_device_substring_chooses_and_rejects(monkeypatch, queue):
         clconv.choose_device()
 
 
+def test_pyopencl_ctx_is_honoured(monkeypatch):
+    monkeypatch.delenv("CLCONV_DEVICE", raising=False)
+    monkeypatch.setenv("PYOPENCL_CTX", "0:0")
+    first = device_mod.all_devices()[0][1]
+    assert clconv.choose_device() == first
+
+
 def test_no_driver_says_to_install_pocl(monkeypatch):
     monkeypatch.setattr(device_mod, "all_devices", lambda: [])
     with pytest.raises(clconv.NoDeviceError, match="pocl"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from . import programs
 from .device import NoDeviceError, all_devices, choose_device, device_info, queue_for
 
 
@@ -31,6 +32,7 @@ def cmd_info(args):
                   f"{'yes' if info.fp64 else 'no'}; float16 works either way (half storage, "
                   "float32 arithmetic)")
     print("* = the device clconv uses (CLCONV_DEVICE=substring or --device to choose)")
+    print(f"kernel sources {programs.sources_hash()} in {programs.kernels_dir()}")
     return 0
 
 

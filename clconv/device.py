@@ -121,7 +121,3 @@ def queue_for(device=None, queue=None):
         _queues[device] = cl.CommandQueue(
             ctx, properties=cl.command_queue_properties.PROFILING_ENABLE)
     return _queues[device]
-
-
-def default_queue():
-    return queue_for()

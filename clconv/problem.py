@@ -30,7 +30,7 @@ def as_int(value, name):
 def as_pair(value, name, single_ok=True):
     """An int or a pair of ints (height, width), as torch's _pair. F.conv2d also expands a
     one-element stride/padding/dilation; a one-element kernel_size fails in torch."""
-    if isinstance(value, (tuple, list, np.ndarray)):
+    if isinstance(value, (tuple, list)) or (isinstance(value, np.ndarray) and value.ndim):
         if len(value) != 2 and not (single_ok and len(value) == 1):
             raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
         return (as_int(value[0], name), as_int(value[-1], name))

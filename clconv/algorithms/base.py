@@ -9,6 +9,7 @@ The base class turns a configuration into a ready `Launch`.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,8 +49,8 @@ def round_up(n, multiple):
 
 def index_type(problem):
     """'int' when every flat index fits in 32 bits, else 'long'."""
-    largest = max(np.prod(problem.input_shape), np.prod(problem.output_shape),
-                  np.prod(problem.weight_shape))
+    largest = max(math.prod(problem.input_shape), math.prod(problem.output_shape),
+                  math.prod(problem.weight_shape))
     return "int" if largest <= INT32_LIMIT else "long"
 
 

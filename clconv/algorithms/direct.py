@@ -6,6 +6,9 @@ from .base import Algorithm, Param, index_type, work_group_problem
 # tw is one OpenCL vector. 16-wide vectors crashed PoCL 3.0's LLVM 14 ("Do not know how to
 # scalarize") on an AVX2 target; 3-wide ones crash Oclgrind 21.10's uninitialised-value check.
 VECTOR_WIDTHS = (1, 2, 4, 8)
+# No 512-bit vectors: PoCL passes them to its builtins with a mismatched ABI on AVX2 targets
+# (it warns so), which crashed a float64 run here.
+MAX_VECTOR_BYTES = 32
 MAX_ACCUMULATORS = 128                  # tk * tw register bound (scalars)
 
 
@@ -26,10 +29,8 @@ class Direct(Algorithm):
             return f"tw must be one of {VECTOR_WIDTHS}"
         if not 1 <= config["tk"] <= problem.cout_per_group:
             return "tk must be between 1 and the output channels per group"
-        if problem.dtype == "float64" and config["tw"] > 4:
-            # No 512-bit vectors: PoCL passes them to its builtins with a mismatched ABI on
-            # AVX2 targets (it warns so), which crashed a float64 run here.
-            return "tw must be <= 4 for float64"
+        if config["tw"] > widest_tw(problem):
+            return f"tw must be <= {widest_tw(problem)} for {problem.dtype}"
         scalars = config["tk"] * config["tw"] * (2 if problem.dtype == "float64" else 1)
         if scalars > MAX_ACCUMULATORS:
             return f"tk*tw accumulators ({scalars} scalar registers) exceed {MAX_ACCUMULATORS}"
@@ -41,8 +42,7 @@ class Direct(Algorithm):
         # leave more tiles on the fast interior path; small images want more channels per
         # work-item to reuse each input vector.
         tw = 4 if 8 < w_out < 28 else 8 if w_out >= 6 else 4 if w_out >= 3 else w_out
-        if problem.dtype == "float64":
-            tw = min(tw, 4)
+        tw = min(tw, widest_tw(problem))
         most_k = 16 if w_out < 28 else 8
         # Spread the group's channels evenly over blocks of at most most_k.
         blocks = -(-cout_g // most_k)
@@ -74,6 +74,12 @@ class Direct(Algorithm):
         blocks = problem.groups * -(-problem.cout_per_group // config["tk"])
         items = (tiles, problem.batch * problem.out_height, blocks)
         return items, (config["lx"], config["ly"], config["lz"])
+
+
+def widest_tw(problem):
+    """The widest row vector whose arithmetic (acc_t) type fits in MAX_VECTOR_BYTES."""
+    acc_bytes = 8 if problem.dtype == "float64" else 4
+    return MAX_VECTOR_BYTES // acc_bytes
 
 
 def _pow2_at_most(n):

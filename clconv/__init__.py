@@ -1,11 +1,13 @@
 """clconv: torch.nn.Conv2d, exactly, on every OpenCL device."""
-from .device import NoDeviceError, choose_device, device_info, queue_for
-from .functional import conv2d
-from .module import Conv2d
-from .problem import Problem
-from .programs import BuildError
-
 __version__ = "0.1.0"
 
-__all__ = ["Conv2d", "conv2d", "Problem", "NoDeviceError", "BuildError", "choose_device",
-           "device_info", "queue_for", "__version__"]
+from .autotune import TuningCacheWarning, set_mode as set_tune_mode, tune  # noqa: E402
+from .device import NoDeviceError, choose_device, device_info, queue_for  # noqa: E402
+from .functional import conv2d  # noqa: E402
+from .module import Conv2d  # noqa: E402
+from .problem import Problem  # noqa: E402
+from .programs import BuildError  # noqa: E402
+
+__all__ = ["Conv2d", "conv2d", "Problem", "tune", "set_tune_mode", "NoDeviceError",
+           "BuildError", "TuningCacheWarning", "choose_device", "device_info", "queue_for",
+           "__version__"]

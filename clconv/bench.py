@@ -7,44 +7,20 @@ which poisons medians. Every result is checked against the NumPy reference.
 """
 from __future__ import annotations
 
-import json
 import sys
 import time
 from dataclasses import dataclass
-from importlib import resources
 
 import numpy as np
 import pyopencl.array as cl_array
 
 from .device import device_info
 from .functional import check_device_limits, run
-from .problem import make_problem
 from .reference import conv2d_numpy
+from .suites import layer_problem, load_suite
 
 # Worst |error| allowed, relative to the largest |x|*|w| partial sum (float32 accumulation).
 CHECK_TOLERANCE = 1e-5
-
-
-def load_suite(path=None):
-    """The layers of a suite file (default: the package's copy of the standard suite)."""
-    if path is None:
-        text = resources.files("clconv.data").joinpath("layers.json").read_text()
-    else:
-        with open(path) as f:
-            text = f.read()
-    return json.loads(text)["layers"]
-
-
-def layer_problem(layer, batch=None):
-    """The Problem of one suite entry (float32, no bias)."""
-    n = layer["batch"] if batch is None else batch
-    cin, cout, g = layer["in_channels"], layer["out_channels"], layer["groups"]
-    x_shape = (n, cin, layer["height"], layer["width"])
-    w_shape = (cout, cin // g, *layer["kernel_size"])
-    problem, _ = make_problem(x_shape, np.float32, w_shape, np.float32, None, None,
-                              layer["stride"], layer["padding"], layer["dilation"], g,
-                              layer.get("padding_mode", "zeros"))
-    return problem
 
 
 @dataclass

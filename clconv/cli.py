@@ -1,11 +1,16 @@
-"""The `clconv` command: `clconv info`, `clconv bench`."""
+"""The `clconv` command: `clconv info`, `clconv bench`, `clconv tune`."""
 from __future__ import annotations
 
 import argparse
 import sys
 
-from . import programs
+from . import autotune, programs
+from .autotune import cache
 from .device import NoDeviceError, all_devices, choose_device, device_info, queue_for
+
+
+SUITE_HELP = ("a suite name (standard, resnet50, mobilenet_v2, vgg16) or a suite JSON file "
+              "(default: standard)")
 
 
 def _size(nbytes):
@@ -33,6 +38,17 @@ def cmd_info(args):
                   "float32 arithmetic)")
     print("* = the device clconv uses (CLCONV_DEVICE=substring or --device to choose)")
     print(f"kernel sources {programs.sources_hash()} in {programs.kernels_dir()}")
+    info = device_info(chosen)
+    path = cache.cache_path(info)
+    print(f"tuning mode {autotune.mode()} (CLCONV_TUNE); cache {path}: "
+          f"{len(cache.cache_entries(info))} problems tuned for this device"
+          f"{'' if path.exists() else ' (no file yet)'}")
+    stale = cache.other_cache_files(info)
+    if stale:
+        print(f"      {len(stale)} older cache file(s) of this device, from another driver or "
+              "kernel version, are ignored")
+    print(f"shipped tuning databases: {len(cache.database_entries(info))} problems match this "
+          f"device ({cache.databases_dir()})")
     return 0
 
 
@@ -41,6 +57,16 @@ def cmd_bench(args):
     queue = queue_for(args.device)
     _, ok = bench.main(queue, suite=args.suite, only=args.only, batch=args.batch,
                        repeats=args.repeats, with_torch=not args.no_torch)
+    return 0 if ok else 1
+
+
+def cmd_tune(args):
+    from .autotune import suite
+    budget = autotune.check_budget(args.budget)
+    if args.batch is not None and args.batch < 1:
+        raise ValueError(f"--batch must be positive, got {args.batch}")
+    _, ok = suite.main(queue_for(args.device), suite=args.suite, only=args.only,
+                       batch=args.batch, budget=budget, retune=args.retune, export=args.export)
     return 0 if ok else 1
 
 
@@ -53,16 +79,28 @@ def main(argv=None):
     info.set_defaults(func=cmd_info)
     bench = sub.add_parser("bench", help="check and time the standard layer suite")
     bench.add_argument("--device", help="device name substring")
-    bench.add_argument("--suite", help="a layer suite JSON file (default: the standard suite)")
+    bench.add_argument("--suite", help=SUITE_HELP)
     bench.add_argument("--only", help="only layers whose name contains this")
     bench.add_argument("--batch", type=int, help="override every layer's batch size")
     bench.add_argument("--repeats", type=int, default=10, help="timed runs per layer")
     bench.add_argument("--no-torch", action="store_true", help="skip the torch comparison")
     bench.set_defaults(func=cmd_bench)
+    tune = sub.add_parser("tune", help="tune a layer suite for this device and remember it")
+    tune.add_argument("--device", help="device name substring")
+    tune.add_argument("--suite", help=SUITE_HELP)
+    tune.add_argument("--only", help="only layers whose name contains this")
+    tune.add_argument("--batch", type=int, help="override every layer's batch size")
+    tune.add_argument("--budget", type=float, help="seconds per layer (default: "
+                      f"CLCONV_TUNE_BUDGET, else {autotune.DEFAULT_BUDGET:g})")
+    tune.add_argument("--retune", action="store_true",
+                      help="tune layers already in the cache again (default: re-measure them)")
+    tune.add_argument("--export", metavar="FILE",
+                      help="also write this device's tuned entries as a shareable database")
+    tune.set_defaults(func=cmd_tune)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except NoDeviceError as err:
+    except (NoDeviceError, ValueError) as err:
         print(f"clconv: {err}", file=sys.stderr)
         return 2
 

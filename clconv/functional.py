@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import algorithms, arrays
+from . import arrays, planner
 from .device import device_info, queue_for
 from .problem import INT32_LIMIT, make_problem
 
@@ -81,7 +81,7 @@ def run(problem, unbatched, queue, x, w, b):
     operands = [arrays.operand(queue, a) for a in (x, w) + ((b,) if b is not None else ())]
     y = arrays.empty(queue, out_shape, problem.numpy_dtype)
     waits = [e for _, _, a in operands for e in a.events]
-    launch = algorithms.plan(problem, queue)
+    launch = planner.plan(problem, queue)
     event = launch(queue, operands[0][:2], operands[1][:2],
                    operands[2][:2] if b is not None else None, (y.base_data, 0),
                    problem.batch, wait_for=waits or None)

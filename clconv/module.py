@@ -9,7 +9,7 @@ import numpy as np
 from . import arrays
 from .device import queue_for
 from .functional import _operand, _resolve_queue, check_call, check_device_limits, run
-from .problem import check_channels, dtype_name, normalise_geometry
+from .problem import check_channels, dtype_name, make_problem, normalise_geometry
 
 IncompatibleKeys = namedtuple("IncompatibleKeys", ["missing_keys", "unexpected_keys"])
 
@@ -84,6 +84,15 @@ class Conv2d:
                    self._device_copy("bias", queue))
 
     __call__ = forward
+
+    def problem_for(self, input_shape):
+        """The Problem this module solves for an input of input_shape (its own dtype); what
+        clconv.tune(module, input_shape) tunes."""
+        w, b = self.weight, self.bias
+        return make_problem(tuple(input_shape), w.dtype, w.shape, w.dtype,
+                            None if b is None else b.shape, None if b is None else b.dtype,
+                            self.stride, self.padding, self.dilation, self.groups,
+                            self.padding_mode)[0]
 
     # --- parameters, like torch -----------------------------------------------------------
 

@@ -14,11 +14,12 @@ from pathlib import Path
 import pyopencl as cl
 from mako.lookup import TemplateLookup
 
+from .paths import shipped_dir
+
 
 def kernels_dir() -> Path:
     """cl_kernels/: inside the installed package, or at the top of a source checkout."""
-    installed = Path(__file__).with_name("cl_kernels")
-    return installed if installed.is_dir() else Path(__file__).parent.parent / "cl_kernels"
+    return shipped_dir("cl_kernels", "cl_kernels")
 
 
 @lru_cache(maxsize=1)

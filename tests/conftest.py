@@ -6,6 +6,19 @@ import pytest
 import clconv
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_tuning_cache(tmp_path_factory):
+    """No test reads or writes the user's own tuning cache, nor follows their CLCONV_TUNE."""
+    saved = {k: os.environ.pop(k, None) for k in ("CLCONV_CACHE_DIR", "CLCONV_TUNE",
+                                                   "CLCONV_TUNE_BUDGET")}
+    os.environ["CLCONV_CACHE_DIR"] = str(tmp_path_factory.mktemp("clconv-cache"))
+    yield
+    for key, value in saved.items():
+        os.environ.pop(key, None)
+        if value is not None:
+            os.environ[key] = value
+
+
 @pytest.fixture(scope="session")
 def queue():
     return clconv.queue_for()

@@ -2,7 +2,7 @@
 
 Bad input must be rejected with ValueError or TypeError whose message names the argument and
 the rule, before any device work: the rejection tests replace the launch path
-(clconv.functional.run, clconv.module.run, clconv.algorithms.plan, clconv.arrays.operand) with
+(clconv.functional.run, clconv.module.run, clconv.planner.plan, clconv.arrays.operand) with
 functions that raise AssertionError, so a check that comes too late fails the test.
 
 Where torch rejects the same call too, the test also asserts that torch rejects it (any
@@ -45,7 +45,7 @@ def no_device_work(monkeypatch):
 
     monkeypatch.setattr(clconv.functional, "run", forbidden)
     monkeypatch.setattr(clconv.module, "run", forbidden)
-    monkeypatch.setattr(clconv.algorithms, "plan", forbidden)
+    monkeypatch.setattr(clconv.planner, "plan", forbidden)
     monkeypatch.setattr(clconv.arrays, "operand", forbidden)
 
 

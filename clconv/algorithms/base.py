@@ -30,8 +30,9 @@ class Param:
 class Launch:
     """A built kernel for one problem (any batch size); call it with device buffers."""
 
-    def __init__(self, kernel, global_size, local_size, has_bias):
+    def __init__(self, kernel, global_size, local_size, has_bias, algorithm, config):
         self.kernel = kernel
+        self.algorithm, self.config = algorithm, config     # what was asked (local_size: what runs)
         self.global_size = global_size      # batch -> NDRange (rounded to local_size)
         self.local_size = local_size
         self.has_bias = has_bias
@@ -98,7 +99,7 @@ class Algorithm:
             raise ValueError(f"{self.name} config {config} is invalid for this problem: {reason}")
         constants = self.constants(problem, config)
         prg = programs.program(queue.context, programs.render(self.template, **constants))
-        kernel = getattr(prg, self.kernel_name)
+        kernel = cl.Kernel(prg, self.kernel_name)   # its own object: Launches set args apart
         local = self.ranges(problem, config)[1]
         kernel_limit = kernel.get_work_group_info(cl.kernel_work_group_info.WORK_GROUP_SIZE,
                                                   queue.device)
@@ -115,4 +116,4 @@ class Algorithm:
         idx = np.int32 if constants["idx_t"] == "int" else np.int64
         arg_types = [None, idx, None, idx] + ([None, idx] if problem.has_bias else [])
         kernel.set_scalar_arg_dtypes(arg_types + [None, idx, np.int32])
-        return Launch(kernel, global_size, local, problem.has_bias)
+        return Launch(kernel, global_size, local, problem.has_bias, self.name, dict(config))

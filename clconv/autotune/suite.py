@@ -1,0 +1,131 @@
+"""`clconv tune`: tune a layer suite on one device, with a progress bar and a before/after
+table (heuristic default vs tuned), and remember the winners."""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+
+from .. import algorithms
+from ..bench import describe, geomean
+from ..device import device_info
+from ..suites import layer_problem, load_suite
+from . import planner_forget, record
+from .cache import cache_entries, cache_path, export_database, signature
+from .search import Tuner
+
+BAR_WIDTH = 20
+
+
+@dataclass
+class SuiteRow:
+    name: str
+    shape: str
+    default_ms: float | None
+    tuned_ms: float | None
+    choice: str
+    tried: int
+    seconds: float
+    how: str            # "tuned", "cached" (already in the cache: re-measured) or "failed"
+
+    @property
+    def speedup(self):
+        return self.default_ms / self.tuned_ms if self.default_ms and self.tuned_ms else None
+
+
+class ProgressBar:
+    """One status line on a terminal (redrawn in place); one line per layer otherwise."""
+
+    def __init__(self, total, stream=sys.stderr):
+        self.total, self.stream = total, stream
+        self.live = hasattr(stream, "isatty") and stream.isatty()
+
+    def layer(self, index, name):
+        self.index, self.name = index, name
+        self._show(f"{name} ...", final=not self.live)
+
+    def update(self, result, budget):
+        if self.live:
+            best = f"best {result.best.ms:.3f} ms" if result.best else "no valid candidate yet"
+            self._show(f"{self.name}: {len(result.trials)} tried, {best}, "
+                       f"{result.seconds:.0f}/{budget:.0f} s")
+
+    def _show(self, text, final=False):
+        done = int(BAR_WIDTH * (self.index - 1) / self.total)
+        line = (f"[{self.index}/{self.total}] [{'#' * done}{'.' * (BAR_WIDTH - done)}] "
+                f"{text}")
+        if self.live:
+            self.stream.write("\r\033[K" + line[:160])
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def close(self):
+        if self.live:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+
+
+def tune_layer(problem, queue, budget, retune, progress):
+    """One suite row: tune problem, or re-measure its cached entry against the default."""
+    info = device_info(queue.device)
+    cached = cache_entries(info).get(signature(problem))
+    tuner = Tuner(problem, queue)
+    if cached is not None and not retune:
+        default_alg, default_config = algorithms.choose(problem, info)
+        default = tuner.evaluate(default_alg, default_config)
+        mine = tuner.evaluate(algorithms.ALGORITHMS[cached["algorithm"]], cached["config"])
+        return SuiteRow("", describe(problem), default.ms, mine.ms, mine.describe(), 0, 0.0,
+                        "cached" if mine.ok else f"cached entry {mine.status}")
+    result = tuner.run(budget, progress=progress)
+    if result.best is None:
+        return SuiteRow("", describe(problem), result.default.ms, None, "-",
+                        len(result.trials), result.seconds, "failed")
+    record(info, {result.signature: result.entry()}, replace=retune)
+    return SuiteRow("", describe(problem), result.default.ms, result.best.ms,
+                    result.best.describe(), len(result.trials), result.seconds, "tuned")
+
+
+def format_table(rows):
+    head = (f"{'layer':<30} {'default ms':>10} {'tuned ms':>9} {'speed-up':>8} {'tried':>5} "
+            f"{'s':>5}  chosen")
+    lines = [head, "-" * (len(head) + 30)]
+    for r in rows:
+        lines.append(f"{r.name:<30} {_ms(r.default_ms):>10} {_ms(r.tuned_ms):>9} "
+                     f"{(f'{r.speedup:.2f}x' if r.speedup else '-'):>8} {r.tried:>5} "
+                     f"{r.seconds:5.0f}  {r.choice}" + ("" if r.how == "tuned" else f" ({r.how})"))
+    return "\n".join(lines)
+
+
+def _ms(value):
+    return "-" if value is None else f"{value:.3f}"
+
+
+def main(queue, suite=None, only=None, batch=None, budget=20.0, retune=False, export=None,
+         out=sys.stdout, err=sys.stderr):
+    layers = [l for l in load_suite(suite) if not only or only in l["name"]]
+    info = device_info(queue.device)
+    print(f"clconv tune: {info.name} ({info.platform}, driver {info.driver_version}); "
+          f"suite {suite or 'standard'}, {len(layers)} layers, budget {budget:g} s per layer",
+          file=out, flush=True)
+    bar = ProgressBar(len(layers), err)
+    rows, start = [], time.perf_counter()
+    for i, layer in enumerate(layers, 1):
+        bar.layer(i, layer["name"])
+        problem = layer_problem(layer, batch)
+        row = tune_layer(problem, queue, budget, retune, lambda r: bar.update(r, budget))
+        row.name = layer["name"] if batch is None else f"{layer['name']}@n{batch}"
+        rows.append(row)
+    bar.close()
+    planner_forget()
+    print(format_table(rows), file=out)
+    speedups = [r.speedup for r in rows if r.speedup]
+    mean = geomean(speedups)
+    print(f"geometric-mean speed-up of tuned over default: "
+          f"{f'{mean:.2f}x' if mean else '-'} over {len(speedups)} layers; tuning took "
+          f"{time.perf_counter() - start:.0f} s", file=out)
+    print(f"cache: {cache_path(info)} ({len(cache_entries(info))} problems)", file=out)
+    if export:
+        count = export_database(info, export)
+        print(f"exported {count} entries to {export}", file=out)
+    return rows, all(r.how in ("tuned", "cached") for r in rows)

@@ -1,0 +1,29 @@
+"""Where clconv's files live: data shipped in the package, and the user's cache directory."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+_PACKAGE = Path(__file__).parent
+
+
+def shipped_dir(package_name: str, checkout_path: str) -> Path:
+    """A data folder that the wheel installs as clconv/<package_name> and that a source
+    checkout holds at <repository>/<checkout_path> (see pyproject.toml's package-dir)."""
+    installed = _PACKAGE / package_name
+    return installed if installed.is_dir() else _PACKAGE.parent / checkout_path
+
+
+def cache_dir() -> Path:
+    """CLCONV_CACHE_DIR, else the platform's user cache directory + /clconv."""
+    explicit = os.environ.get("CLCONV_CACHE_DIR")
+    if explicit:
+        return Path(explicit).expanduser()
+    if sys.platform == "win32":
+        base = Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local")
+    elif sys.platform == "darwin":
+        base = Path.home() / "Library" / "Caches"
+    else:
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "clconv"

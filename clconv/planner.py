@@ -1,0 +1,66 @@
+"""The plan of a call: which algorithm and parameters run a problem on a device, built.
+
+Tuned entries come first (autotune: the user's cache, then shipped databases; in mode 'on' an
+untuned problem is tuned here, at its first use), else the algorithm's heuristic. A plan is
+memoised per (problem, context, device, mode), so a repeated call is one dict look-up. Kernels
+take the batch size as an argument, so a built launch is shared by every batch size that
+chose the same configuration (while its indices fit the same integer type).
+"""
+from __future__ import annotations
+
+import warnings
+
+import pyopencl as cl
+
+from . import algorithms, autotune
+from .device import device_info
+from .algorithms.base import index_type
+from .programs import BuildError
+
+_plans: dict = {}
+_launches: dict = {}
+
+
+def plan(problem, queue) -> algorithms.Launch:
+    key = (problem, queue.context, queue.device, autotune.mode())
+    launch = _plans.get(key)
+    if launch is None:
+        launch = _plans[key] = _make(problem, queue)
+    return launch
+
+
+def _make(problem, queue):
+    info = device_info(queue.device)
+    if autotune.needs_tuning(problem, info):
+        autotune.log.info("tuning %s (CLCONV_TUNE=on)", autotune.signature(problem))
+        autotune.tune_problem(problem, queue)
+    tuned = autotune.tuned_choice(problem, info)
+    if tuned is not None:
+        algorithm, config, source = tuned
+        try:
+            return _build(algorithm, problem, queue, config)
+        except (BuildError, ValueError, cl.Error) as err:
+            warnings.warn(f"clconv: the tuned {algorithm.name} {config} from the {source} "
+                          f"failed here ({err}); using the heuristic", autotune.TuningCacheWarning)
+    algorithm, config = algorithms.choose(problem, info)
+    return _build(algorithm, problem, queue, config)
+
+
+def _build(algorithm, problem, queue, config):
+    key = (algorithm.name, tuple(sorted(config.items())), problem.with_batch(1),
+           index_type(problem), queue.context, queue.device)
+    launch = _launches.get(key)
+    if launch is None:
+        launch = _launches[key] = algorithm.build(problem, queue, config, strict=False)
+    return launch
+
+
+def chosen(problem, queue):
+    """(algorithm name, config) that plan() runs for problem: for reports and tests."""
+    launch = plan(problem, queue)
+    return launch.algorithm, launch.config
+
+
+def forget():
+    """Drop every plan (after the tuning cache or the mode changed)."""
+    _plans.clear()

@@ -1,0 +1,45 @@
+"""Layer suites: named lists of torch.nn.Conv2d layers that `clconv bench` times and
+`clconv tune` tunes. They ship as JSON in tuning/suites/ (clconv/layer_suites when installed):
+`standard` (the benchmark suite), and the models `resnet50`, `mobilenet_v2`, `vgg16`."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .paths import shipped_dir
+from .problem import make_problem
+
+
+def suites_dir() -> Path:
+    return shipped_dir("layer_suites", "tuning/suites")
+
+
+def suite_names():
+    return sorted(p.stem for p in suites_dir().glob("*.json"))
+
+
+def load_suite(name=None):
+    """The layers of a named suite, or of a suite JSON file (default: 'standard')."""
+    name = name or "standard"
+    path = suites_dir() / f"{name}.json"
+    if not path.is_file():
+        path = Path(name)
+        if not path.is_file():
+            raise ValueError(f"suite must be one of {suite_names()} or a JSON file, "
+                             f"got {name!r}")
+    with open(path) as f:
+        return json.load(f)["layers"]
+
+
+def layer_problem(layer, batch=None, dtype=np.float32):
+    """The Problem of one suite entry (no bias: ResNet-style layers have none)."""
+    n = layer["batch"] if batch is None else batch
+    cin, cout, g = layer["in_channels"], layer["out_channels"], layer["groups"]
+    x_shape = (n, cin, layer["height"], layer["width"])
+    w_shape = (cout, cin // g, *layer["kernel_size"])
+    problem, _ = make_problem(x_shape, dtype, w_shape, dtype, None, None, layer["stride"],
+                              layer["padding"], layer["dilation"], g,
+                              layer.get("padding_mode", "zeros"))
+    return problem

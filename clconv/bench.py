@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyopencl.array as cl_array
 
+from . import autotune
 from .device import device_info
 from .functional import check_device_limits, run
 from .reference import conv2d_numpy
@@ -135,7 +136,8 @@ def main(queue, suite=None, only=None, batch=None, repeats=10, with_torch=True, 
         torch_note = "torch comparison off"
     info = device_info(queue.device)
     print(f"clconv bench: {info.name} ({info.platform}, driver {info.driver_version}); "
-          f"{torch_note}; float32; best of {repeats} runs each", file=out)
+          f"{torch_note}; float32; best of {repeats} runs each; tuning mode {autotune.mode()}",
+          file=out)
     table = format_table([], with_torch).splitlines()
     print("\n".join(table), file=out, flush=True)
     rows = []

@@ -60,7 +60,8 @@ class ProgressBar:
             self.stream.write(line + "\n")
         self.stream.flush()
 
-    def close(self):
+    def clear(self):
+        """Wipe the status line so that other output starts at its column 0."""
         if self.live:
             self.stream.write("\r\033[K")
             self.stream.flush()
@@ -86,15 +87,15 @@ def tune_layer(problem, queue, budget, retune, progress):
                     result.best.describe(), len(result.trials), result.seconds, "tuned")
 
 
-def format_table(rows):
-    head = (f"{'layer':<30} {'default ms':>10} {'tuned ms':>9} {'speed-up':>8} {'tried':>5} "
-            f"{'s':>5}  chosen")
-    lines = [head, "-" * (len(head) + 30)]
-    for r in rows:
-        lines.append(f"{r.name:<30} {_ms(r.default_ms):>10} {_ms(r.tuned_ms):>9} "
-                     f"{(f'{r.speedup:.2f}x' if r.speedup else '-'):>8} {r.tried:>5} "
-                     f"{r.seconds:5.0f}  {r.choice}" + ("" if r.how == "tuned" else f" ({r.how})"))
-    return "\n".join(lines)
+HEADER = (f"{'layer':<30} {'default ms':>10} {'tuned ms':>9} {'speed-up':>8} {'tried':>5} "
+          f"{'s':>5}  chosen")
+RULE = "-" * (len(HEADER) + 30)
+
+
+def format_row(r):
+    return (f"{r.name:<30} {_ms(r.default_ms):>10} {_ms(r.tuned_ms):>9} "
+            f"{(f'{r.speedup:.2f}x' if r.speedup else '-'):>8} {r.tried:>5} "
+            f"{r.seconds:5.0f}  {r.choice}" + ("" if r.how == "tuned" else f" ({r.how})"))
 
 
 def _ms(value):
@@ -108,6 +109,7 @@ def main(queue, suite=None, only=None, batch=None, budget=20.0, retune=False, ex
     print(f"clconv tune: {info.name} ({info.platform}, driver {info.driver_version}); "
           f"suite {suite or 'standard'}, {len(layers)} layers, budget {budget:g} s per layer",
           file=out, flush=True)
+    print(f"{HEADER}\n{RULE}", file=out, flush=True)
     bar = ProgressBar(len(layers), err)
     rows, start = [], time.perf_counter()
     for i, layer in enumerate(layers, 1):
@@ -116,9 +118,10 @@ def main(queue, suite=None, only=None, batch=None, budget=20.0, retune=False, ex
         row = tune_layer(problem, queue, budget, retune, lambda r: bar.update(r, budget))
         row.name = layer["name"] if batch is None else f"{layer['name']}@n{batch}"
         rows.append(row)
-    bar.close()
+        bar.clear()
+        print(format_row(row), file=out, flush=True)
     planner_forget()
-    print(format_table(rows), file=out)
+    print(RULE, file=out)
     speedups = [r.speedup for r in rows if r.speedup]
     mean = geomean(speedups)
     print(f"geometric-mean speed-up of tuned over default: "

@@ -62,6 +62,9 @@ LOAD(xr, ${c.padded_index(padding_mode, 'iwk + %d' % (j * SW), width)})\
         for (int kh = 0; kh < ${KH}; ++kh) {
 ${row_index('kh')}\
             __global const ${storage_t} *xr = xc + ih * ${width};
+% if unroll_kw:
+            #pragma unroll
+% endif
             for (int kw = 0; kw < ${KW}; ++kw) {
 % if interior:
                 const ${accv} xv = ${interior_load()};

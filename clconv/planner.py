@@ -33,7 +33,11 @@ def _make(problem, queue):
     info = device_info(queue.device)
     if autotune.needs_tuning(problem, info):
         autotune.log.info("tuning %s (CLCONV_TUNE=on)", autotune.signature(problem))
-        autotune.tune_problem(problem, queue)
+        try:
+            autotune.tune_problem(problem, queue)
+        except OSError as err:      # the cache could not be written: run untuned, say why
+            warnings.warn(f"clconv: could not record a tuning result ({err})",
+                          autotune.TuningCacheWarning)
     tuned = autotune.tuned_choice(problem, info)
     if tuned is not None:
         algorithm, config, source = tuned

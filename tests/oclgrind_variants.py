@@ -66,6 +66,8 @@ def variants():
            dict(tk=3, tw=1))
     yield ("1x1-input-padded", (1, 2, 1, 1), (2, 2, 3, 3), True, dict(padding=1), "float32",
            dict(tk=2, tw=1))
+    yield ("unroll-kw-reflect", (1, 2, 5, 9), (3, 2, 3, 5), True,
+           dict(padding=(1, 2), padding_mode="reflect"), "float32", dict(tk=3, tw=4, ukw=1))
     yield ("long-index", (1, 2, 5, 6), (3, 2, 3, 3), True, dict(padding=1), "float32",
            dict(tk=2, tw=4, idx_t="long"))
     for dtype in ("float16", "float64"):

@@ -68,7 +68,7 @@ def entry(config, batch=1, ms=1.0, algorithm="direct"):
 
 
 # A valid config that is not the heuristic's choice for problem_of()'s defaults.
-OTHER = {"tk": 3, "tw": 2, "lx": 2, "ly": 1, "lz": 1}
+OTHER = {"tk": 3, "tw": 2, "lx": 2, "ly": 1, "lz": 1, "ukw": 1}
 
 
 def test_other_is_not_the_default(queue, info):
@@ -164,12 +164,16 @@ def test_entry_that_no_longer_fits_is_ignored_with_a_warning(cache_dir, queue, i
         run_and_check(problem_of(n=2), queue, rng)
 
 
-def test_unwritable_cache_dir_is_a_clear_error_not_corruption(tmp_path, monkeypatch, info):
+def test_unwritable_cache_dir(cache_dir, tmp_path, monkeypatch, queue, info, rng):
     blocker = tmp_path / "file"
     blocker.write_text("")
     monkeypatch.setenv("CLCONV_CACHE_DIR", str(blocker))
-    with pytest.raises(OSError):
+    with pytest.raises(OSError):                 # explicit recording says so
         cache.record(info, {"x n1": entry(OTHER)})
+    monkeypatch.setenv("CLCONV_TUNE", "on")      # tuning at first use warns and runs on
+    monkeypatch.setenv("CLCONV_TUNE_BUDGET", "0.5")
+    with pytest.warns(clconv.TuningCacheWarning, match="could not record"):
+        run_and_check(problem_of(cout=2), queue, rng)
 
 
 RECORDER = textwrap.dedent("""

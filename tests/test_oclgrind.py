@@ -53,7 +53,7 @@ def switches(name, x_shape, w_shape, with_bias, kwargs, dtype, config):
     return {("mode", p.padding_mode), ("dtype", dtype), ("tw", config["tw"]),
             ("bias", with_bias), ("ragged_k", p.cout_per_group % config["tk"] != 0),
             ("ragged_w", p.out_width % config["tw"] != 0), ("stride1", p.stride[1] == 1),
-            ("idx", config.get("idx_t", "int"))}
+            ("idx", config.get("idx_t", "int")), ("ukw", config.get("ukw", 0))}
 
 
 def test_variants_cover_every_template_branch():
@@ -64,7 +64,8 @@ def test_variants_cover_every_template_branch():
               | {("tw", t) for t in direct["tw"]}
               | {(k, v) for k in ("bias", "ragged_k", "ragged_w", "stride1")
                  for v in (True, False)}
-              | {("idx", "int"), ("idx", "long")})
+              | {("idx", "int"), ("idx", "long")}
+              | {("ukw", u) for u in direct["ukw"]})
     assert wanted <= covered, f"not covered under Oclgrind: {sorted(wanted - covered)}"
 
 

@@ -22,6 +22,9 @@ class Direct(Algorithm):
         Param("lx", (1, 2, 4, 8, 16, 32), "work-group size along width tiles"),
         Param("ly", (1, 2, 4, 8, 16), "work-group size along output rows"),
         Param("lz", (1, 2, 4, 8), "work-group size along output-channel blocks"),
+        # Off by default: on PoCL (AVX2) unrolling kw turned overlapping row loads into
+        # shuffles and spills (~2x slower on 3x3 layers); other compilers may gain from it.
+        Param("ukw", (0, 1), "unroll the kernel-column loop"),
     )
 
     def constraints(self, problem, info, config):
@@ -55,7 +58,7 @@ class Direct(Algorithm):
             local = (min(16, _pow2_at_most(-(-w_out // tw))), 4, 1)
             while work_group_problem(local, info):
                 local = (max(1, local[0] // 2), max(1, local[1] // 2), 1)
-        return {"tk": tk, "tw": tw, "lx": local[0], "ly": local[1], "lz": local[2]}
+        return {"tk": tk, "tw": tw, "lx": local[0], "ly": local[1], "lz": local[2], "ukw": 0}
 
     def constants(self, problem, config):
         return dict(
@@ -67,7 +70,8 @@ class Direct(Algorithm):
             h_out=problem.out_height, w_out=problem.out_width,
             cin=problem.in_channels, cout=problem.out_channels, groups=problem.groups,
             cin_g=problem.cin_per_group, cout_g=problem.cout_per_group,
-            has_bias=problem.has_bias, tk=config["tk"], tw=config["tw"])
+            has_bias=problem.has_bias, tk=config["tk"], tw=config["tw"],
+            unroll_kw=bool(config.get("ukw", 0)))
 
     def ranges(self, problem, config):
         tiles = -(-problem.out_width // config["tw"])

@@ -6,7 +6,6 @@ array is first gathered into a contiguous one on the device, never through the h
 from __future__ import annotations
 
 import numpy as np
-import pyopencl as cl
 import pyopencl.array as cl_array
 
 from . import programs

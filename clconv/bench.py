@@ -17,12 +17,8 @@ import pyopencl.array as cl_array
 from . import autotune
 from .device import device_info
 from .functional import check_device_limits, run
-from .reference import conv2d_numpy
+from .reference import TOLERANCE, Check
 from .suites import layer_problem, load_suite
-
-# Worst |error| allowed, relative to the largest |x|*|w| partial sum (float32 accumulation).
-CHECK_TOLERANCE = 1e-5
-
 
 @dataclass
 class Row:
@@ -32,6 +28,10 @@ class Row:
     ms: float
     max_error: float
     torch_ms: float | None
+
+    @property
+    def ok(self):
+        return self.max_error <= TOLERANCE["float32"]     # NaN fails too
 
     @property
     def gflops(self):
@@ -93,9 +93,7 @@ def bench_layer(layer, queue, repeats, batch=None, with_torch=True, seed=0):
     w = rng.standard_normal(problem.weight_shape, dtype=np.float32)
     xd, wd = cl_array.to_device(queue, x), cl_array.to_device(queue, w)
     ms, y = time_device(problem, queue, xd, wd, repeats)
-    ref = conv2d_numpy(problem, x, w)
-    scale = np.abs(conv2d_numpy(problem, np.abs(x), np.abs(w))).max()
-    max_error = float(np.abs(y.get() - ref).max() / scale)
+    max_error = Check(problem, x, w).error(y.get())
     torch_ms = time_torch(x, w, problem, repeats) if with_torch else None
     return Row(layer["name"], describe(problem), problem.flops / 1e9, ms, max_error, torch_ms)
 
@@ -114,7 +112,7 @@ def format_table(rows, has_torch):
         line = f"{r.name:<32} {r.shape:<38} {r.gflop:7.3f} {r.ms:9.3f} {r.gflops:8.1f}"
         if has_torch:
             line += f" {r.torch_ms:9.3f} {r.speedup:7.2f}x"
-        lines.append(line + ("  ok" if r.max_error <= CHECK_TOLERANCE else
+        lines.append(line + ("  ok" if r.ok else
                              f"  FAIL ({r.max_error:.1e})"))
     return "\n".join(lines)
 
@@ -152,7 +150,7 @@ def main(queue, suite=None, only=None, batch=None, repeats=10, with_torch=True, 
         summary += (f"; geometric mean vs torch {geomean(r.speedup for r in rows):.2f}x "
                     "(> 1: clconv faster)")
     print(summary, file=out)
-    failed = [r.name for r in rows if r.max_error > CHECK_TOLERANCE]
+    failed = [r.name for r in rows if not r.ok]
     if failed:
         print(f"CHECK FAILED: {', '.join(failed)}", file=out)
     return rows, not failed

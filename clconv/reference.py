@@ -8,6 +8,25 @@ import numpy as np
 
 NUMPY_PAD_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "edge",
                    "circular": "wrap"}
+# Worst |error| a kernel may show, relative to the largest |x|*|w| sum of the output.
+TOLERANCE = {"float16": 2e-3, "float32": 1e-5, "float64": 1e-12}
+
+
+class Check:
+    """The reference output of one problem on x, w, b, and how far a result strays from it."""
+
+    def __init__(self, problem, x, w, b=None):
+        self.tolerance = TOLERANCE[problem.dtype]
+        self.expected = conv2d_numpy(problem, x, w, b)
+        bound = conv2d_numpy(problem, np.abs(x), np.abs(w), None if b is None else np.abs(b))
+        self.scale = max(float(np.abs(bound).max()), np.finfo(np.float64).tiny)
+
+    def error(self, y):
+        """max |y - expected| relative to the bound; NaN if y has any NaN."""
+        return float(np.abs(np.asarray(y, np.float64) - self.expected).max()) / self.scale
+
+    def passes(self, error):
+        return error <= self.tolerance      # NaN (an unwritten output) fails too
 
 
 def conv2d_numpy(problem, x, w, b=None):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 
 from .. import algorithms
 from ..device import device_info, queue_for
@@ -39,14 +38,7 @@ def set_mode(value):
     global _mode
     if value is not None and value not in MODES:
         raise ValueError(f"tuning mode must be one of {MODES} or None, got {value!r}")
-    _mode = value
-    planner_forget()
-
-
-def planner_forget():
-    """Plans are memoised; a new tuning result or mode must replace them."""
-    from .. import planner      # planner imports this package
-    planner.forget()
+    _mode = value       # plans are memoised per mode, so none needs forgetting
 
 
 def default_budget():

@@ -27,11 +27,9 @@ from .. import algorithms
 from ..device import device_info
 from ..functional import check_device_limits
 from ..programs import BuildError
-from ..reference import conv2d_numpy
+from ..reference import Check
 from .cache import signature
 
-# Worst |error| a candidate may show, relative to the largest |x|*|w| sum of the output.
-TOLERANCE = {"float16": 2e-3, "float32": 1e-5, "float64": 1e-12}
 EXHAUSTIVE_LIMIT = 64           # spaces up to this size are tried in full
 SAMPLING_SHARE = 0.4            # of the budget, spent on random samples before refining
 EARLY_STOP = 2.0                # stop timing a candidate this many times slower than the best
@@ -115,9 +113,7 @@ class Tuner:
         x = rng.standard_normal(problem.input_shape).astype(dtype)
         w = rng.standard_normal(problem.weight_shape).astype(dtype)
         b = rng.standard_normal(problem.out_channels).astype(dtype) if problem.has_bias else None
-        self.reference = conv2d_numpy(problem, x, w, b)
-        bound = conv2d_numpy(problem, np.abs(x), np.abs(w), None if b is None else np.abs(b))
-        self.scale = max(float(np.abs(bound).max()), np.finfo(np.float64).tiny)
+        self.check = Check(problem, x, w, b)
         self.x, self.w = cl_array.to_device(queue, x), cl_array.to_device(queue, w)
         self.b = None if b is None else cl_array.to_device(queue, b)
         self.poison = np.full(problem.output_shape, np.nan, dtype)   # unwritten outputs stay NaN
@@ -157,8 +153,8 @@ class Tuner:
         except cl.Error as err:
             trial.status, trial.detail = "launch failed", _first_line(err)
             return trial
-        error = float(np.abs(self.y.get().astype(np.float64) - self.reference).max()) / self.scale
-        if not error <= TOLERANCE[self.problem.dtype]:     # NaN (an unwritten output) fails too
+        error = self.check.error(self.y.get())
+        if not self.check.passes(error):
             trial.status, trial.detail = "wrong result", f"max error {error:.2e} of the bound"
             return trial
         times = [first] if first > EARLY_STOP * self.best_ms else []

@@ -10,7 +10,7 @@ from .. import algorithms
 from ..bench import describe, geomean
 from ..device import device_info
 from ..suites import layer_problem, load_suite
-from . import planner_forget, record
+from . import record
 from .cache import cache_entries, cache_path, export_database, signature
 from .search import Tuner
 
@@ -120,7 +120,6 @@ def main(queue, suite=None, only=None, batch=None, budget=20.0, retune=False, ex
         rows.append(row)
         bar.clear()
         print(format_row(row), file=out, flush=True)
-    planner_forget()
     print(RULE, file=out)
     speedups = [r.speedup for r in rows if r.speedup]
     mean = geomean(speedups)

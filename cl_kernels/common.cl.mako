@@ -31,8 +31,10 @@ vload_half${n}(0, ${p} + (${i}))\
 </%def>
 
 <%def name="store_vec(storage_t, n, v, p, i)">\
-% if n == 1:
-STORE(${v}, ${p}, ${i})\
+% if n == 1 and storage_t == 'half':
+vstore_half_rte(${v}, ${i}, ${p})\
+% elif n == 1:
+(${p})[${i}] = ${v}\
 % elif storage_t == 'half':
 vstore_half${n}_rte(${v}, 0, ${p} + (${i}))\
 % else:
@@ -60,4 +62,32 @@ clamp(${i}, 0, ${size - 1})\
 ## Lane j of an n-wide vector variable (the variable itself when n == 1).
 <%def name="lane(v, n, j)">\
 ${v}${'' if n == 1 else '.s' + '0123456789abcdef'[j]}\
+</%def>
+
+## The fused activation of a conv's output value v (a scalar or a vector of type t), as
+## torch computes it: NaN passes through relu and relu6; gelu is the exact (erf) form.
+<%def name="activate(activation, v, t)">\
+% if activation is None:
+${v}\
+% elif activation == 'relu':
+(${v} < (${t})0 ? (${t})0 : ${v})\
+% elif activation == 'relu6':
+(${v} < (${t})0 ? (${t})0 : (${v} > (${t})6 ? (${t})6 : ${v}))\
+% elif activation == 'silu':
+(${v} / ((${t})1 + exp(-${v})))\
+% elif activation == 'gelu':
+((${t})0.5 * ${v} * ((${t})1 + erf(${v} * (${t})${'M_SQRT1_2' if t.startswith('double') else 'M_SQRT1_2_F'})))\
+% endif
+</%def>
+
+## The sum of the n lanes of vector v (of scalar type t). Through dot(): Oclgrind 21.10's
+## uninitialised-value check crashed on lane extracts of a vector carried through a loop.
+<%def name="lane_sum(v, n, t)">\
+% if n == 1:
+${v}\
+% elif n <= 4:
+dot(${v}, (${t}${n})1)\
+% else:
+(dot((${v}).lo, (${t}4)1) + dot((${v}).hi, (${t}4)1))\
+% endif
 </%def>

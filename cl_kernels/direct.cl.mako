@@ -80,11 +80,27 @@ ${row_index('kh')}\
     }
 </%def>
 
+## Store the tile's channel t (n lanes from lane j0, at output index i): plus the residual,
+## then the activation, in one pass over the output.
+<%def name="epilogue(t, n, i, j0=0)">\
+<%
+    v = 'acc%d' % t if n == tw else capture(c.lane, 'acc%d' % t, tw, j0)
+    vt = acc_t + (str(n) if n > 1 else '')
+    if has_residual:
+        v = '(%s + %s)' % (v, capture(c.load_vec, storage_t, n, 'res', 'res_off + ' + i))
+    v = capture(c.activate, activation, v, vt)
+%>\
+{ const ${vt} e = ${v}; ${c.store_vec(storage_t, n, 'e', 'y', 'y_off + ' + i)}; }\
+</%def>
+
 __kernel void conv2d_direct(
     __global const ${storage_t} * restrict x, const idx_t x_off,
     __global const ${storage_t} * restrict w, const idx_t w_off,
 % if has_bias:
     __global const ${storage_t} * restrict b, const idx_t b_off,
+% endif
+% if has_residual:
+    __global const ${storage_t} * restrict res, const idx_t res_off,
 % endif
     __global ${storage_t} * restrict y, const idx_t y_off,
     const int batch)
@@ -125,22 +141,20 @@ ${accumulate(False)}
 % else:
     {
 % endif
-        const idx_t yi = y_off + ((idx_t)n * ${cout} + g * ${cout_g} + k0 + ${t}) * ${h_out * w_out} + ohw;
+        const idx_t yi = ((idx_t)n * ${cout} + g * ${cout_g} + k0 + ${t}) * ${h_out * w_out} + ohw;
 % if has_bias:
-        const ${accv} v = acc${t} + LOAD(b, b_off + g * ${cout_g} + k0 + ${t});
-% else:
-        const ${accv} v = acc${t};
+        acc${t} += LOAD(b, b_off + g * ${cout_g} + k0 + ${t});
 % endif
 % if ragged_w:
         if (ow0 + ${tw} <= ${w_out}) {
-            ${c.store_vec(storage_t, tw, 'v', 'y', 'yi')};
+            ${epilogue(t, tw, 'yi')};
         } else {
 % for j in range(tw):
-            if (ow0 + ${j} < ${w_out}) STORE(${c.lane('v', tw, j)}, y, yi + ${j});
+            if (ow0 + ${j} < ${w_out}) ${epilogue(t, 1, 'yi + %d' % j, j)};
 % endfor
         }
 % else:
-        ${c.store_vec(storage_t, tw, 'v', 'y', 'yi')};
+        ${epilogue(t, tw, 'yi')};
 % endif
     }
 % endfor

@@ -17,7 +17,7 @@ import pyopencl.array as cl_array
 from . import autotune
 from .device import device_info
 from .functional import check_device_limits, run
-from .reference import TOLERANCE, Check
+from .reference import TOLERANCE, Check, conv2d_numpy
 from .suites import layer_problem, load_suite
 
 @dataclass
@@ -56,7 +56,7 @@ def time_device(problem, queue, x, w, repeats):
     """Best kernel time in ms over repeats, from profiling events; and the last output."""
     times = []
     for _ in range(repeats):
-        y = run(problem, False, queue, x, w, None)
+        y = run(problem, queue, "forward", [x, w], problem.output_shape)
         event = y.events[-1]
         event.wait()
         times.append((event.profile.end - event.profile.start) * 1e-6)
@@ -93,7 +93,7 @@ def bench_layer(layer, queue, repeats, batch=None, with_torch=True, seed=0):
     w = rng.standard_normal(problem.weight_shape, dtype=np.float32)
     xd, wd = cl_array.to_device(queue, x), cl_array.to_device(queue, w)
     ms, y = time_device(problem, queue, xd, wd, repeats)
-    max_error = Check(problem, x, w).error(y.get())
+    max_error = Check(problem, conv2d_numpy, x, w).error(y.get())
     torch_ms = time_torch(x, w, problem, repeats) if with_torch else None
     return Row(layer["name"], describe(problem), problem.flops / 1e9, ms, max_error, torch_ms)
 

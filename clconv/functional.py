@@ -1,4 +1,4 @@
-"""conv2d: check the call, plan it, launch it."""
+"""conv2d: check the call, plan it, launch it (the gradients, in gradients.py, share this)."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,8 +8,11 @@ from .device import device_info, queue_for
 from .problem import INT32_LIMIT, make_problem
 
 
+ACTIVATIONS = (None, "relu", "relu6", "silu", "gelu")
+
+
 def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1,
-           padding_mode="zeros", *, queue=None):
+           padding_mode="zeros", *, activation=None, residual=None, queue=None):
     """torch.nn.Conv2d's forward as a function (torch.nn.functional.conv2d plus padding_mode).
 
     input: (N, C_in, H, W) or unbatched (C_in, H, W); a NumPy array (the result is one) or a
@@ -17,14 +20,25 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1,
     host). weight: (C_out, C_in/groups, kH, kW); bias: (C_out,) or None. float16, float32 or
     float64, all alike. queue: an explicit pyopencl.CommandQueue (by default the input's, else
     clconv's device).
+
+    A fused epilogue, in the same pass over the output: residual (an array of the output's
+    shape) is added after the bias, then activation ('relu', 'relu6', 'silu' or 'gelu',
+    torch's exact erf form) is applied: act(conv(x, w) + bias + residual).
     """
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     x = _operand(input, "input")
     w = _operand(weight, "weight")
     b = None if bias is None else _operand(bias, "bias")
+    r = None if residual is None else _operand(residual, "residual")
     problem, unbatched = check_call(x, w, b, stride, padding, dilation, groups, padding_mode)
-    queue = _resolve_queue(queue, x, w, b)
+    out_shape = problem.output_shape[1:] if unbatched else problem.output_shape
+    if r is not None:
+        check_operand(r, "residual", out_shape, problem.dtype)
+    queue = _resolve_queue(queue, x, w, b, r)
     check_device_limits(problem, queue.device)
-    return run(problem, unbatched, queue, x, w, b)
+    epilogue = (("activation", activation), ("has_residual", r is not None))
+    return run(problem, queue, "forward", [x, w, b, r], out_shape, epilogue)
 
 
 def check_call(x, w, b, stride, padding, dilation, groups, padding_mode):
@@ -32,6 +46,15 @@ def check_call(x, w, b, stride, padding, dilation, groups, padding_mode):
     return make_problem(x.shape, x.dtype, w.shape, w.dtype, None if b is None else b.shape,
                         None if b is None else b.dtype, stride, padding, dilation, groups,
                         padding_mode)
+
+
+def check_operand(a, name, shape, dtype):
+    """An operand whose shape and dtype the call fixes (residual, grad_output)."""
+    if tuple(a.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(a.shape)}")
+    if np.dtype(a.dtype) != np.dtype(dtype):
+        raise TypeError(f"{name} dtype ({np.dtype(a.dtype)}) must match the convolution's "
+                        f"({np.dtype(dtype)})")
 
 
 def _operand(a, name):
@@ -71,19 +94,19 @@ def check_device_limits(problem, device):
         raise ValueError("batch * output height exceeds 2**31 - 1; split the batch")
 
 
-def run(problem, unbatched, queue, x, w, b):
-    """Launch a checked problem. x, w, b: NumPy or pyopencl arrays (b may be None)."""
-    on_device = arrays.is_device_array(x)
-    out_shape = problem.output_shape[1:] if unbatched else problem.output_shape
-    if problem.batch == 0:
-        dtype = problem.numpy_dtype
+def run(problem, queue, operation, operands, out_shape, epilogue=()):
+    """Launch an operation of a checked problem. operands: its inputs in order, NumPy or
+    pyopencl arrays (None: absent, e.g. no bias). The result is a pyopencl array when the
+    first operand is one, else NumPy."""
+    on_device = arrays.is_device_array(operands[0])
+    dtype = problem.numpy_dtype
+    if 0 in out_shape:
         return arrays.empty(queue, out_shape, dtype) if on_device else np.empty(out_shape, dtype)
-    operands = [arrays.operand(queue, a) for a in (x, w) + ((b,) if b is not None else ())]
-    y = arrays.empty(queue, out_shape, problem.numpy_dtype)
-    waits = [e for _, _, a in operands for e in a.events]
-    launch = planner.plan(problem, queue)
-    event = launch(queue, operands[0][:2], operands[1][:2],
-                   operands[2][:2] if b is not None else None, (y.base_data, 0),
-                   problem.batch, wait_for=waits or None)
-    y.add_event(event)
+    inputs = [arrays.operand(queue, a) for a in operands if a is not None]
+    y = arrays.empty(queue, out_shape, dtype)
+    waits = [e for _, _, a in inputs for e in a.events]
+    launch = planner.plan(problem, queue, operation, epilogue)
+    events = launch(queue, [pair[:2] for pair in inputs], (y.base_data, 0), problem.batch,
+                    wait_for=waits or None)
+    y.add_event(events[-1])
     return y if on_device else y.get()

@@ -80,8 +80,9 @@ class Conv2d:
                                         self.groups, self.padding_mode)
         queue = _resolve_queue(None, x) if arrays.is_device_array(x) else self.queue
         check_device_limits(problem, queue.device)
-        return run(problem, unbatched, queue, x, self._device_copy("weight", queue),
-                   self._device_copy("bias", queue))
+        out_shape = problem.output_shape[1:] if unbatched else problem.output_shape
+        return run(problem, queue, "forward", [x, self._device_copy("weight", queue),
+                                               self._device_copy("bias", queue)], out_shape)
 
     __call__ = forward
 

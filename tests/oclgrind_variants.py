@@ -1,4 +1,5 @@
-"""Run every kernel variant clconv can emit at a small shape; meant to run under Oclgrind.
+"""Run every kernel variant clconv can emit (the forward with its fused epilogue, both
+gradients, the padding fold, the split sums) at a small shape; meant to run under Oclgrind.
 
     oclgrind --data-races --uninitialized python tests/oclgrind_variants.py [NAME ...]
 
@@ -8,7 +9,9 @@ stderr (tests/test_oclgrind.py fails on any of them).
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import math
 import sys
 
 import numpy as np
@@ -21,64 +24,108 @@ from clconv.problem import make_problem
 TOL = {"float16": 2e-2, "float32": 1e-5, "float64": 1e-12}
 
 
-def naive(x, w, b, p):
-    """Direct loops over the padded input (index maps written independently of the kernel)."""
+def naive(x, w, b, dy, p):
+    """The convolution and its gradients by direct loops over the padded input (index maps
+    written independently of the kernels): (y, dx, dw) for input x, weight w, bias b and an
+    output gradient dy."""
     pt, pb, pl, pr = p.pad
     mode = {"zeros": "constant", "reflect": "reflect", "replicate": "edge", "circular": "wrap"}
     xp = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (pt, pb), (pl, pr)),
                 mode=mode[p.padding_mode])
     y = np.zeros(p.output_shape)
+    dxp, dw = np.zeros_like(xp), np.zeros(w.shape)
     cg, kg = p.cin_per_group, p.cout_per_group
     for n, k, i, j in itertools.product(range(p.batch), range(p.out_channels),
                                         range(p.out_height), range(p.out_width)):
         g = k // kg
         for c, a, e in itertools.product(range(cg), range(p.kernel_size[0]),
                                          range(p.kernel_size[1])):
-            y[n, k, i, j] += (w[k, c, a, e]
-                              * xp[n, g * cg + c, i * p.stride[0] + a * p.dilation[0],
-                                   j * p.stride[1] + e * p.dilation[1]])
+            at = (n, g * cg + c, i * p.stride[0] + a * p.dilation[0],
+                  j * p.stride[1] + e * p.dilation[1])
+            y[n, k, i, j] += w[k, c, a, e] * xp[at]
+            dxp[at] += w[k, c, a, e] * dy[n, k, i, j]
+            dw[k, c, a, e] += xp[at] * dy[n, k, i, j]
         if b is not None:
             y[n, k, i, j] += b[k]
-    return y
+    # Each padded position's gradient goes to the input position padding copied there.
+    extra = {} if p.padding_mode != "zeros" else {"constant_values": -1}
+    rows = np.pad(np.arange(p.height), (pt, pb), mode=mode[p.padding_mode], **extra)
+    cols = np.pad(np.arange(p.width), (pl, pr), mode=mode[p.padding_mode], **extra)
+    dx = np.zeros(x.shape)
+    for q, r in enumerate(rows):
+        for t, c in enumerate(cols):
+            if r >= 0 and c >= 0:
+                dx[:, :, r, c] += dxp[:, :, q, t]
+    return y, dx, dw
+
+
+ACTIVATIONS = {None: lambda z: z, "relu": lambda z: np.maximum(z, 0),
+               "relu6": lambda z: np.clip(z, 0, 6), "silu": lambda z: z / (1 + np.exp(-z)),
+               "gelu": lambda z: 0.5 * z * (1 + np.vectorize(math.erf)(z / math.sqrt(2)))}
 
 
 def variants():
-    """(name, input shape, weight shape, bias?, conv kwargs, dtype, config)."""
+    """(name, operation, input shape, weight shape, bias?, conv kwargs, dtype, config).
+    A forward config may carry an epilogue: activation and residual (True/False)."""
     modes = ("zeros", "reflect", "replicate", "circular")
     for mode in modes:
-        # border and interior tiles, ragged last tile (w_out 7 % 4), ragged channel block
-        yield (f"{mode}-s1-tw4-tk3", (2, 2, 5, 7), (5, 2, 3, 3), True,
-               dict(padding=1, padding_mode=mode), "float32", dict(tk=3, tw=4))
-        # stride 2, dilation 2, asymmetric 'same'-like padding through a pair, groups
-        yield (f"{mode}-s2-d2-g2", (1, 4, 9, 10), (4, 2, 2, 3), False,
-               dict(stride=2, dilation=(2, 1), padding=(2, 1), groups=2, padding_mode=mode),
-               "float32", dict(tk=2, tw=4))
-        yield (f"{mode}-same-even", (1, 3, 6, 6), (2, 3, 4, 2), True,
-               dict(padding="same", padding_mode=mode), "float32", dict(tk=2, tw=8))
+        for op in ("forward", "input_grad", "weight_grad"):
+            prefix = "" if op == "forward" else f"{op}-"
+            # border and interior tiles, ragged last tile (7 % 4), ragged channel block
+            yield (f"{prefix}{mode}-s1-tw4-tk3", op, (2, 3, 5, 7), (5, 3, 3, 3), True,
+                   dict(padding=1, padding_mode=mode), "float32", TILES[op](3, 4))
+            # stride 2, dilation 2, asymmetric 'same'-like padding through a pair, groups
+            yield (f"{prefix}{mode}-s2-d2-g2", op, (1, 4, 9, 10), (4, 2, 2, 3), False,
+                   dict(stride=2, dilation=(2, 1), padding=(2, 1), groups=2, padding_mode=mode),
+                   "float32", TILES[op](2, 4))
+            yield (f"{prefix}{mode}-same-even", op, (1, 3, 6, 6), (2, 3, 4, 2), True,
+                   dict(padding="same", padding_mode=mode), "float32", TILES[op](2, 8))
     for tw in ALGORITHMS["direct"].params[1].values:
-        yield (f"tw{tw}", (1, 3, 6, 11), (4, 3, 3, 3), True, dict(padding=1), "float32",
-               dict(tk=4, tw=tw))
-    yield ("depthwise-mult2", (1, 3, 7, 7), (6, 1, 3, 3), True, dict(padding=1, groups=3),
-           "float32", dict(tk=1, tw=4))
-    yield ("1x1-stride2", (2, 5, 7, 9), (3, 5, 1, 1), False, dict(stride=2), "float32",
-           dict(tk=3, tw=4))
-    yield ("kernel-covers-input", (1, 2, 5, 5), (3, 2, 5, 5), True, {}, "float32",
+        for op in ("forward", "input_grad", "weight_grad"):
+            prefix = "" if op == "forward" else f"{op}-"
+            yield (f"{prefix}tw{tw}", op, (1, 3, 6, 11), (4, 3, 3, 3), True, dict(padding=1),
+                   "float32", TILES[op](4 if op != "input_grad" else 3, tw))
+    yield ("depthwise-mult2", "forward", (1, 3, 7, 7), (6, 1, 3, 3), True,
+           dict(padding=1, groups=3), "float32", dict(tk=1, tw=4))
+    yield ("1x1-stride2", "forward", (2, 5, 7, 9), (3, 5, 1, 1), False, dict(stride=2),
+           "float32", dict(tk=3, tw=4))
+    yield ("kernel-covers-input", "forward", (1, 2, 5, 5), (3, 2, 5, 5), True, {}, "float32",
            dict(tk=3, tw=1))
-    yield ("1x1-input-padded", (1, 2, 1, 1), (2, 2, 3, 3), True, dict(padding=1), "float32",
-           dict(tk=2, tw=1))
-    yield ("unroll-kw-reflect", (1, 2, 5, 9), (3, 2, 3, 5), True,
+    yield ("1x1-input-padded", "forward", (1, 2, 1, 1), (2, 2, 3, 3), True, dict(padding=1),
+           "float32", dict(tk=2, tw=1))
+    yield ("unroll-kw-reflect", "forward", (1, 2, 5, 9), (3, 2, 3, 5), True,
            dict(padding=(1, 2), padding_mode="reflect"), "float32", dict(tk=3, tw=4, ukw=1))
-    yield ("long-index", (1, 2, 5, 6), (3, 2, 3, 3), True, dict(padding=1), "float32",
-           dict(tk=2, tw=4, idx_t="long"))
+    for op in ("forward", "input_grad", "weight_grad"):
+        yield (f"{op}-long-index", op, (1, 2, 5, 6), (3, 2, 3, 3), True, dict(padding=1),
+               "float32", dict(TILES[op](2, 4), idx_t="long"))
     for dtype in ("float16", "float64"):
-        for mode in ("zeros", "reflect"):
-            yield (f"{dtype}-{mode}", (1, 3, 6, 9), (4, 3, 3, 3), True,
-                   dict(padding=1, padding_mode=mode), dtype, dict(tk=2, tw=4))
-        yield (f"{dtype}-tw1", (1, 2, 4, 4), (2, 2, 3, 3), False, dict(stride=2), dtype,
-               dict(tk=2, tw=1))
+        for op in ("forward", "input_grad", "weight_grad"):
+            prefix = "" if op == "forward" else f"{op}-"
+            for mode in ("zeros", "reflect"):
+                yield (f"{prefix}{dtype}-{mode}", op, (1, 3, 6, 9), (4, 3, 3, 3), True,
+                       dict(padding=1, padding_mode=mode), dtype, TILES[op](2, 4))
+            yield (f"{prefix}{dtype}-tw1", op, (1, 2, 4, 4), (2, 2, 3, 3), False,
+                   dict(stride=2), dtype, TILES[op](2, 1))
+    # The weight gradient's split reduction (partial sums, then sum_splits), ragged columns.
+    for dtype in ("float16", "float32", "float64"):
+        yield (f"weight_grad-splits-{dtype}", "weight_grad", (3, 2, 5, 9), (4, 2, 3, 3), False,
+               dict(padding=1, padding_mode="circular"), dtype,
+               dict(TILES["weight_grad"](3, 4), splits=4))
+    # The fused epilogue: every activation, with a residual, on full and ragged tiles.
+    for activation in list(ACTIVATIONS)[1:]:
+        for dtype in ("float16", "float32", "float64"):
+            yield (f"epilogue-{activation}-{dtype}", "forward", (2, 3, 5, 7), (5, 3, 3, 3),
+                   True, dict(padding=1), dtype,
+                   dict(tk=3, tw=4, activation=activation, residual=True))
 
 
-def run_variant(queue, name, x_shape, w_shape, with_bias, kwargs, dtype, config):
+# Tile parameters per operation: (channels per work-item, vector width) -> config.
+TILES = {"forward": lambda k, w: dict(tk=k, tw=w),
+         "input_grad": lambda k, w: dict(tc=k, tw=w),
+         "weight_grad": lambda k, w: dict(tk=k, tw=w, splits=1)}
+
+
+def run_variant(queue, name, operation, x_shape, w_shape, with_bias, kwargs, dtype, config):
     rng = np.random.default_rng(0)
     x = rng.standard_normal(x_shape).astype(dtype)
     w = rng.standard_normal(w_shape).astype(dtype)
@@ -88,16 +135,40 @@ def run_variant(queue, name, x_shape, w_shape, with_bias, kwargs, dtype, config)
                               None if b is None else b.shape, None if b is None else b.dtype,
                               args["stride"], args["padding"], args["dilation"], args["groups"],
                               args["padding_mode"])
-    algorithm = ALGORITHMS["direct"]
-    launch = algorithm.build(problem, queue, dict(lx=1, ly=1, lz=1) | config)
-    xd, wd = cl_array.to_device(queue, x), cl_array.to_device(queue, w)
-    bd = None if b is None else cl_array.to_device(queue, b)
-    y = cl_array.empty(queue, problem.output_shape, x.dtype)
-    launch(queue, (xd.data, 0), (wd.data, 0), None if bd is None else (bd.data, 0),
-           (y.data, 0), problem.batch).wait()
-    err = np.abs(y.get().astype(np.float64) - naive(x, w, b, problem)).max()
-    scale = max(1.0, float(np.abs(naive(np.abs(x), np.abs(w), None, problem)).max()))
+    if operation != "forward":
+        problem = dataclasses.replace(problem, has_bias=False)
+        b = None
+    dy = rng.standard_normal(problem.output_shape).astype(dtype)
+    residual = rng.standard_normal(problem.output_shape).astype(dtype)
+    config = dict(config)
+    activation, with_residual = config.pop("activation", None), config.pop("residual", False)
+    epilogue = dict(activation=activation, has_residual=with_residual) if operation == "forward" \
+        else None
+    local = dict(lx=1, ly=1) | ({} if operation == "weight_grad" else dict(lz=1))
+    launch = ALGORITHMS[operation if operation != "forward" else "direct"].build(
+        problem, queue, local | config, epilogue=epilogue)
+    inputs = {"forward": [x, w] + ([b] if b is not None else [])
+              + ([residual] if with_residual else []),
+              "input_grad": [dy, w], "weight_grad": [x, dy]}[operation]
+    y_naive, dx_naive, dw_naive = naive(x, w, b, dy, problem)
+    expected = {"forward": ACTIVATIONS[activation](y_naive + (residual if with_residual else 0)),
+                "input_grad": dx_naive, "weight_grad": dw_naive}[operation]
+    on_device = [cl_array.to_device(queue, a) for a in inputs]
+    out = cl_array.empty(queue, expected.shape, x.dtype)
+    launch(queue, [(a.data, 0) for a in on_device], (out.data, 0), problem.batch)[-1].wait()
+    bound = naive(np.abs(x), np.abs(w), None, np.abs(dy), problem)
+    scale = max(1.0, float(np.abs(bound[("forward", "input_grad", "weight_grad")
+                                         .index(operation)]).max()))
+    err = np.abs(out.get().astype(np.float64) - expected).max()
     return err / scale <= TOL[dtype], err
+
+
+def run_bias_grad(queue, dtype, batch):
+    """The bias gradient (channel sums; split over the batch when it is large)."""
+    dy = np.random.default_rng(0).standard_normal((batch, 3, 5, 7)).astype(dtype)
+    db = clconv.conv2d_bias_grad(cl_array.to_device(queue, dy)).get()
+    err = np.abs(db.astype(np.float64) - dy.astype(np.float64).sum(axis=(0, 2, 3))).max()
+    return err <= TOL[dtype.name] * max(1.0, float(np.abs(dy).sum(axis=(0, 2, 3)).max())), err
 
 
 def run_gather(queue, dtype):
@@ -110,8 +181,12 @@ def run_gather(queue, dtype):
     return np.allclose(y.get(), expect, rtol=1e-3), err
 
 
+DTYPES = ("float16", "float32", "float64")
+
+
 def all_names():
-    return [v[0] for v in variants()] + [f"gather-{d}" for d in ("float16", "float32", "float64")]
+    return ([v[0] for v in variants()] + [f"gather-{d}" for d in DTYPES]
+            + [f"bias_grad-{d}-n{n}" for d in DTYPES for n in (1, 64)])
 
 
 def main(names):
@@ -123,6 +198,9 @@ def main(names):
     for name in names or all_names():
         if name.startswith("gather-"):
             good, err = run_gather(queue, np.dtype(name[len("gather-"):]))
+        elif name.startswith("bias_grad-"):
+            dtype, batch = name[len("bias_grad-"):].split("-n")
+            good, err = run_bias_grad(queue, np.dtype(dtype), int(batch))
         else:
             good, err = run_variant(queue, name, *specs[name])
         print(f"{name}: {'ok' if good else 'WRONG'} (max error {err:.2e})", flush=True)

@@ -43,30 +43,53 @@ def test_variant_is_clean_under_oclgrind(name):
     assert not PROBLEMS.search(proc.stderr), report
 
 
-def switches(name, x_shape, w_shape, with_bias, kwargs, dtype, config):
-    """The template's compile-time branches that one variant takes."""
+def switches(name, operation, x_shape, w_shape, with_bias, kwargs, dtype, config):
+    """The template's compile-time branches that one variant takes, as (operation, switch,
+    value) triples."""
     from clconv.problem import make_problem
     args = dict(stride=1, padding=0, dilation=1, groups=1, padding_mode="zeros") | kwargs
     p, _ = make_problem(x_shape, dtype, w_shape, dtype, (w_shape[0],) if with_bias else None,
                         dtype if with_bias else None, args["stride"], args["padding"],
                         args["dilation"], args["groups"], args["padding_mode"])
-    return {("mode", p.padding_mode), ("dtype", dtype), ("tw", config["tw"]),
-            ("bias", with_bias), ("ragged_k", p.cout_per_group % config["tk"] != 0),
-            ("ragged_w", p.out_width % config["tw"] != 0), ("stride1", p.stride[1] == 1),
-            ("idx", config.get("idx_t", "int")), ("ukw", config.get("ukw", 0))}
+    channels = config.get("tk", config.get("tc"))
+    per_group = p.cin_per_group if operation == "input_grad" else p.cout_per_group
+    width = {"forward": p.out_width, "input_grad": p.width + sum(p.pad[2:]),
+             "weight_grad": p.out_width}[operation]
+    if operation == "input_grad" and p.padding_mode == "zeros":
+        width = p.width
+    found = {("mode", p.padding_mode), ("dtype", dtype), ("tw", config["tw"]),
+             ("ragged_channels", per_group % channels != 0),
+             ("ragged_width", width % config["tw"] != 0), ("stride1", p.stride[1] == 1),
+             ("idx", config.get("idx_t", "int"))}
+    if operation == "forward":
+        found |= {("bias", with_bias), ("ukw", config.get("ukw", 0)),
+                  ("activation", config.get("activation")),
+                  ("residual", config.get("residual", False))}
+    if operation == "weight_grad":
+        found |= {("split", config["splits"] > 1)}
+    return {(operation,) + s for s in found}
 
 
 def test_variants_cover_every_template_branch():
     covered = set().union(*(switches(*v) for v in oclgrind_variants.variants()))
     direct = {p.name: p.values for p in ALGORITHMS["direct"].params}
-    wanted = ({("mode", m) for m in ("zeros", "reflect", "replicate", "circular")}
+    common = ({("mode", m) for m in ("zeros", "reflect", "replicate", "circular")}
               | {("dtype", d) for d in ("float16", "float32", "float64")}
               | {("tw", t) for t in direct["tw"]}
-              | {(k, v) for k in ("bias", "ragged_k", "ragged_w", "stride1")
+              | {(k, v) for k in ("ragged_channels", "ragged_width", "stride1")
                  for v in (True, False)}
-              | {("idx", "int"), ("idx", "long")}
-              | {("ukw", u) for u in direct["ukw"]})
+              | {("idx", "int"), ("idx", "long")})
+    wanted = ({("forward",) + s for s in common}
+              | {("input_grad",) + s for s in common}
+              | {("weight_grad",) + s for s in common}
+              | {("forward", "bias", b) for b in (True, False)}
+              | {("forward", "ukw", u) for u in direct["ukw"]}
+              | {("forward", "activation", a) for a in oclgrind_variants.ACTIVATIONS}
+              | {("forward", "residual", r) for r in (True, False)}
+              | {("weight_grad", "split", s) for s in (True, False)})
     assert wanted <= covered, f"not covered under Oclgrind: {sorted(wanted - covered)}"
+    names = oclgrind_variants.all_names()
+    assert {f"bias_grad-{d}-n{n}" for d in ("float16", "float64") for n in (1, 64)} <= set(names)
 
 
 def test_oclgrind_catches_an_out_of_bounds_write():

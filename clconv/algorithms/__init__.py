@@ -1,18 +1,28 @@
-"""The convolution algorithms and the choice of one for a problem on a device."""
+"""The convolution algorithms, per operation, and the choice of one for a problem on a device."""
 from __future__ import annotations
 
-from .base import Algorithm, Launch, Param
+from .base import OPERATIONS, Algorithm, Launch, Param
 from .direct import Direct
+from .input_grad import InputGrad
+from .weight_grad import WeightGrad
 
-ALGORITHMS = {a.name: a for a in (Direct(),)}
+ALGORITHMS = {a.name: a for a in (Direct(), InputGrad(), WeightGrad())}
 
 
-def choose(problem, info):
+def for_operation(operation):
+    """The algorithms that compute operation ('forward', 'input_grad', 'weight_grad')."""
+    if operation not in OPERATIONS:
+        raise ValueError(f"operation must be one of {tuple(OPERATIONS)}, got {operation!r}")
+    return [a for a in ALGORITHMS.values() if a.operation == operation]
+
+
+def choose(problem, info, operation="forward"):
     """(algorithm, config) by heuristic: the first algorithm that applies, its default."""
-    for algorithm in ALGORITHMS.values():
+    for algorithm in for_operation(operation):
         if algorithm.applies(problem):
             return algorithm, algorithm.default_config(problem, info)
-    raise ValueError(f"no algorithm applies to {problem}")
+    raise ValueError(f"no {operation} algorithm applies to {problem}")
 
 
-__all__ = ["ALGORITHMS", "Algorithm", "Launch", "Param", "choose"]
+__all__ = ["ALGORITHMS", "OPERATIONS", "Algorithm", "Launch", "Param", "choose",
+           "for_operation"]

@@ -1,6 +1,8 @@
 """What every convolution algorithm declares, and how a chosen one is built and launched.
 
-An algorithm is data plus a few small methods (after CLBlast's kernel descriptions):
+An algorithm computes one `operation` (the forward convolution, or its gradient with respect
+to the input or the weight). It is data plus a few small methods (after CLBlast's kernel
+descriptions):
 - `params`: its tunable parameters, each with the values a tuner may try;
 - `constraints`: why a configuration is invalid for a problem on a device (or None);
 - `default_config`: the heuristic choice when nothing is tuned;
@@ -28,20 +30,33 @@ class Param:
 
 
 class Launch:
-    """A built kernel for one problem (any batch size); call it with device buffers."""
+    """A built operation for one problem (any batch size): call it with device operands.
 
-    def __init__(self, kernel, global_size, local_size, has_bias, algorithm, config):
-        self.kernel = kernel
-        self.algorithm, self.config = algorithm, config     # what was asked (local_size: what runs)
-        self.global_size = global_size      # batch -> NDRange (rounded to local_size)
-        self.local_size = local_size
-        self.has_bias = has_bias
+    inputs: the operation's input operands in order, each a (buffer, element offset) pair
+    (forward: x, w, then bias and residual when the problem has them; input_grad: dy, w;
+    weight_grad: x, dy); output: the result's (buffer, offset). Returns the events of the
+    kernels it enqueued, in order.
+    """
 
-    def __call__(self, queue, x, w, b, y, batch, wait_for=None):
-        """x, w, b, y: (buffer, element offset) pairs (b is None without bias)."""
-        args = [*x, *w, *(b if self.has_bias else ()), *y, batch]
-        return self.kernel(queue, self.global_size(batch), self.local_size, *args,
-                           wait_for=wait_for)
+    def __init__(self, run, algorithm, config):
+        self._run = run
+        self.algorithm, self.config = algorithm, config
+
+    def __call__(self, queue, inputs, output, batch, wait_for=None):
+        return self._run(queue, inputs, output, batch, wait_for)
+
+
+class Step:
+    """One built kernel and its NDRange: items(batch) work-items, in work-groups of local."""
+
+    def __init__(self, kernel, items, local):
+        self.kernel, self.items, self.local = kernel, items, local
+
+    def __call__(self, queue, batch, *args, wait_for=None):
+        items = self.items(batch)
+        size = items if self.local is None else tuple(round_up(n, l)
+                                                      for n, l in zip(items, self.local))
+        return self.kernel(queue, size, self.local, *args, wait_for=wait_for)
 
 
 def round_up(n, multiple):
@@ -67,7 +82,17 @@ def work_group_problem(local_size, info, kernel_limit=None):
     return None
 
 
+# The input operands of each operation, in order (the output follows them).
+OPERATIONS = {
+    "forward": lambda p, k: ("x", "w") + (("b",) if p.has_bias else ())
+    + (("residual",) if k.get("has_residual") else ()),
+    "input_grad": lambda p, k: ("dy", "w"),
+    "weight_grad": lambda p, k: ("x", "dy"),
+}
+
+
 class Algorithm:
+    operation = "forward"
     name = ""
     template = ""
     kernel_name = ""
@@ -90,17 +115,49 @@ class Algorithm:
         """(work-items needed per dimension, local size)."""
         raise NotImplementedError
 
-    def build(self, problem, queue, config, strict=True) -> Launch:
-        """The ready Launch of config. strict=False shrinks a work-group the compiled kernel
-        cannot run (its own limit can be below the device's) instead of raising."""
-        info = device_info(queue.device)
-        reason = self.constraints(problem, info, config)
+    def inputs(self, problem, constants):
+        """The names of the operation's input operands, in the kernel's order."""
+        return OPERATIONS[self.operation](problem, constants)
+
+    def build(self, problem, queue, config, strict=True, epilogue=None) -> Launch:
+        """The ready Launch of config (strict: see build_step)."""
+        reason = self.constraints(problem, device_info(queue.device), config)
         if reason:
             raise ValueError(f"{self.name} config {config} is invalid for this problem: {reason}")
+        return Launch(self.launcher(problem, queue, config, strict, epilogue), self.name,
+                      dict(config))
+
+    def launcher(self, problem, queue, config, strict, epilogue):
+        """run(queue, inputs, output, batch, wait_for) -> events: the default is the one
+        kernel of `template`, on the inputs then the output then the batch size."""
         constants = self.constants(problem, config)
-        prg = programs.program(queue.context, programs.render(self.template, **constants))
-        kernel = cl.Kernel(prg, self.kernel_name)   # its own object: Launches set args apart
-        local = self.ranges(problem, config)[1]
+        constants.update(epilogue or {})
+        count = len(self.inputs(problem, constants)) + 1
+        step = self.step(queue, self.template, self.kernel_name, constants,
+                         operands(count) + ("int",),
+                         lambda batch: self.ranges(problem.with_batch(batch), config)[0],
+                         self.ranges(problem, config)[1], strict)
+
+        def run(queue, inputs, output, batch, wait_for):
+            args = [a for pair in inputs for a in pair]
+            return [step(queue, batch, *args, *output, batch, wait_for=wait_for)]
+        return run
+
+    def step(self, queue, template, kernel_name, constants, signature, items, local, strict):
+        return build_step(queue, template, kernel_name, constants, signature, items, local,
+                          strict)
+
+
+def build_step(queue, template, kernel_name, constants, signature, items, local=None,
+               strict=True):
+    """Render, build and size one kernel as a Step. signature: its arguments' kinds in
+    order, 'buffer', 'offset' (an idx_t) or 'int'. local None: no barriers, the driver sizes
+    the work-groups; else strict=False shrinks a work-group the compiled kernel cannot run
+    (its own limit can be below the device's) instead of raising."""
+    info = device_info(queue.device)
+    prg = programs.program(queue.context, programs.render(template, **constants))
+    kernel = cl.Kernel(prg, kernel_name)   # its own object: Launches set args apart
+    if local is not None:
         kernel_limit = kernel.get_work_group_info(cl.kernel_work_group_info.WORK_GROUP_SIZE,
                                                   queue.device)
         while work_group_problem(local, info, kernel_limit) and not strict and max(local) > 1:
@@ -108,12 +165,26 @@ class Algorithm:
             local = local[:largest] + (local[largest] // 2,) + local[largest + 1:]
         reason = work_group_problem(local, info, kernel_limit)
         if reason:
-            raise ValueError(f"{self.name} config {config}: {reason}")
+            raise ValueError(f"{kernel_name}: {reason}")
+    idx = np.int32 if constants["idx_t"] == "int" else np.int64
+    kernel.set_scalar_arg_dtypes(
+        [{"buffer": None, "offset": idx, "int": np.int32}[kind] for kind in signature])
+    return Step(kernel, items, local)
 
-        def global_size(batch):
-            items = self.ranges(problem.with_batch(batch), config)[0]
-            return tuple(round_up(n, l) for n, l in zip(items, local))
-        idx = np.int32 if constants["idx_t"] == "int" else np.int64
-        arg_types = [None, idx, None, idx] + ([None, idx] if problem.has_bias else [])
-        kernel.set_scalar_arg_dtypes(arg_types + [None, idx, np.int32])
-        return Launch(kernel, global_size, local, problem.has_bias, self.name, dict(config))
+
+def with_scratch(first, then, scratch_elements, dtype):
+    """run(): first writes into a scratch buffer of scratch_elements(batch) acc_t values,
+    then `then` (a Step on (scratch, output...)) turns it into the output."""
+    itemsize = 8 if dtype == "float64" else 4       # acc_t: float for half and float
+
+    def run(queue, inputs, output, batch, wait_for):
+        scratch = cl.Buffer(queue.context, cl.mem_flags.READ_WRITE,
+                            max(1, scratch_elements(batch)) * itemsize)
+        events = first(queue, inputs, (scratch, 0), batch, wait_for)
+        return events + [then(queue, batch, scratch, *output, wait_for=events)]
+    return run
+
+
+def operands(count):
+    """The signature of count (buffer, element offset) operands."""
+    return ("buffer", "offset") * count

@@ -71,7 +71,7 @@ class Direct(Algorithm):
             cin=problem.in_channels, cout=problem.out_channels, groups=problem.groups,
             cin_g=problem.cin_per_group, cout_g=problem.cout_per_group,
             has_bias=problem.has_bias, tk=config["tk"], tw=config["tw"],
-            unroll_kw=bool(config.get("ukw", 0)))
+            unroll_kw=bool(config.get("ukw", 0)), activation=None, has_residual=False)
 
     def ranges(self, problem, config):
         tiles = -(-problem.out_width // config["tw"])

@@ -63,58 +63,65 @@ def check_budget(budget):
     return float(budget)
 
 
-def tuned_choice(problem, info):
+def tuned_choice(problem, info, operation="forward"):
     """(algorithm, config, source) from the cache or a database, or None (mode 'off', or
     nothing tuned for this problem). An entry that no longer fits is ignored with a warning."""
     if mode() == "off":
         return None
     for source, entries in (("cache", cache_entries(info)), ("database", database_entries(info))):
-        entry = nearest(entries, problem)
+        entry = nearest(entries, problem, operation)
         if entry is None:
             continue
         algorithm = algorithms.ALGORITHMS.get(entry["algorithm"])
         config = entry["config"]
         names = algorithm and {p.name for p in algorithm.params}
         reason = ("unknown algorithm" if algorithm is None else
+                  f"not a {operation} algorithm" if algorithm.operation != operation else
                   "does not apply" if not algorithm.applies(problem) else
                   "parameters differ" if set(config) != names else
                   algorithm.constraints(problem, info, config))
         if reason:
             where = cache_path(info) if source == "cache" else "a tuning database"
-            _warn_once(where, f"entry for {signature(problem)}: {reason}")
+            _warn_once(where, f"entry for {signature(problem, operation=operation)}: {reason}")
             continue
         return algorithm, dict(config), source
     return None
 
 
-def needs_tuning(problem, info):
-    """In mode 'on': whether problem is missing from the user's own cache."""
-    return mode() == "on" and signature(problem) not in cache_entries(info)
+def needs_tuning(problem, info, operation="forward"):
+    """In mode 'on': whether operation on problem is missing from the user's own cache."""
+    return (mode() == "on"
+            and signature(problem, operation=operation) not in cache_entries(info))
 
 
-def tune_problem(problem, queue, budget=None, remember=True, progress=None):
-    """Tune one Problem on queue's device; record the winner in the cache (remember=True)."""
+def tune_problem(problem, queue, budget=None, remember=True, progress=None,
+                 operation="forward"):
+    """Tune one operation of a Problem on queue's device; record the winner in the cache
+    (remember=True)."""
     budget = check_budget(budget)
-    result = Tuner(problem, queue).run(budget, progress=progress)
+    result = Tuner(problem, queue, operation=operation).run(budget, progress=progress)
     if result.best is None:
         log.warning("no candidate for %s gave the right answer; keeping the heuristic",
-                    signature(problem))
+                    result.signature)
     elif remember:
         record(device_info(queue.device), {result.signature: result.entry()})
     return result
 
 
 def tune(target, input_shape=None, *, budget=None, device=None, queue=None, remember=True,
-         progress=None):
+         progress=None, operation="forward"):
     """Tune convolutions on a device and remember the winners; returns the TuneResult(s).
 
     target: a clconv.Problem, a clconv.Conv2d with input_shape ((N, C, H, W) or (C, H, W)),
     or a list of these (each item a Problem or a (module, input_shape) pair). budget: seconds
-    per problem (default CLCONV_TUNE_BUDGET, else 20).
+    per problem (default CLCONV_TUNE_BUDGET, else 20). operation: 'forward', 'input_grad'
+    or 'weight_grad' (the gradients of the convolution with respect to input and weight).
     """
     if isinstance(target, (list, tuple)) and not _is_shape(input_shape):
         return [tune(*(t if isinstance(t, tuple) else (t,)), budget=budget, device=device,
-                     queue=queue, remember=remember, progress=progress) for t in target]
+                     queue=queue, remember=remember, progress=progress, operation=operation)
+                for t in target]
+    algorithms.for_operation(operation)         # a ValueError for an unknown one
     budget = check_budget(budget)
     if isinstance(target, Problem):
         problem = target
@@ -126,7 +133,8 @@ def tune(target, input_shape=None, *, budget=None, device=None, queue=None, reme
     else:
         raise TypeError("target must be a clconv.Problem, a clconv.Conv2d (with input_shape) "
                         f"or a list of them, got {type(target).__name__}")
-    return tune_problem(problem, queue_for(device, queue), budget, remember, progress)
+    return tune_problem(problem, queue_for(device, queue), budget, remember, progress,
+                        operation)
 
 
 def _is_shape(value):

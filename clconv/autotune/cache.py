@@ -35,13 +35,15 @@ class TuningCacheWarning(UserWarning):
     """A tuning cache or database file was unreadable and is being ignored."""
 
 
-def signature(problem, batch=True):
-    """A readable, unique text for a problem (everything a kernel depends on)."""
+def signature(problem, batch=True, operation="forward"):
+    """A readable, unique text for an operation on a problem (everything a kernel depends
+    on). Gradients are prefixed with their operation; the forward has no prefix."""
     p = problem
     text = (f"{p.dtype} {p.in_channels}x{p.height}x{p.width} -> {p.out_channels} "
             f"k{p.kernel_size[0]}x{p.kernel_size[1]} s{p.stride[0]}x{p.stride[1]} "
             f"d{p.dilation[0]}x{p.dilation[1]} pad{','.join(map(str, p.pad))} g{p.groups} "
             f"{p.padding_mode}{' bias' if p.has_bias else ''}")
+    text = text if operation == "forward" else f"{operation} {text}"
     return f"{text} n{p.batch}" if batch else text
 
 
@@ -216,13 +218,13 @@ def database_entries(info):
     return found
 
 
-def nearest(entries, problem):
-    """The entry for problem: its own signature, else the same layer tuned at the nearest
-    batch size (on a log scale), else None."""
-    exact = entries.get(signature(problem))
+def nearest(entries, problem, operation="forward"):
+    """The entry for operation on problem: its own signature, else the same layer tuned at
+    the nearest batch size (on a log scale), else None."""
+    exact = entries.get(signature(problem, operation=operation))
     if exact is not None:
         return exact
-    layer = signature(problem, batch=False) + " n"
+    layer = signature(problem, batch=False, operation=operation) + " n"
     same = [e for sig, e in entries.items() if sig.startswith(layer)]
     if not same:
         return None

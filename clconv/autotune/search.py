@@ -27,7 +27,8 @@ from .. import algorithms
 from ..device import device_info
 from ..functional import check_device_limits
 from ..programs import BuildError
-from ..reference import Check
+from ..reference import (Check, conv2d_input_grad_numpy, conv2d_numpy,
+                         conv2d_weight_grad_numpy)
 from .cache import signature
 
 EXHAUSTIVE_LIMIT = 64           # spaces up to this size are tried in full
@@ -57,6 +58,7 @@ class Trial:
 @dataclass
 class TuneResult:
     problem: object
+    operation: str
     default: Trial
     best: Trial | None          # None only if no candidate produced the right answer
     trials: list = field(default_factory=list)
@@ -66,7 +68,7 @@ class TuneResult:
 
     @property
     def signature(self):
-        return signature(self.problem)
+        return signature(self.problem, operation=self.operation)
 
     @property
     def speedup(self):
@@ -99,25 +101,23 @@ def _key(algorithm_name, config):
 
 
 class Tuner:
-    """Tunes one problem on one queue's device. Test data and the reference output are made
-    once; evaluate() measures any (algorithm, config)."""
+    """Tunes one operation of a problem on one queue's device. Test data and the reference
+    result are made once; evaluate() measures any (algorithm, config)."""
 
-    def __init__(self, problem, queue, candidates_from=None, repeats=7, seed=0):
+    def __init__(self, problem, queue, candidates_from=None, repeats=7, seed=0,
+                 operation="forward"):
         check_device_limits(problem, queue.device)
         self.problem, self.queue, self.repeats = problem, queue, repeats
+        self.operation = operation
         self.info = device_info(queue.device)
-        pool = candidates_from or algorithms.ALGORITHMS.values()
+        pool = candidates_from or algorithms.for_operation(operation)
         self.algorithms = [a for a in pool if a.applies(problem)]
-        rng = np.random.default_rng(seed)
-        dtype = problem.numpy_dtype
-        x = rng.standard_normal(problem.input_shape).astype(dtype)
-        w = rng.standard_normal(problem.weight_shape).astype(dtype)
-        b = rng.standard_normal(problem.out_channels).astype(dtype) if problem.has_bias else None
-        self.check = Check(problem, x, w, b)
-        self.x, self.w = cl_array.to_device(queue, x), cl_array.to_device(queue, w)
-        self.b = None if b is None else cl_array.to_device(queue, b)
-        self.poison = np.full(problem.output_shape, np.nan, dtype)   # unwritten outputs stay NaN
-        self.y = cl_array.empty(queue, problem.output_shape, dtype)
+        operands, out_shape, reference = _test_case(problem, operation,
+                                                    np.random.default_rng(seed))
+        self.check = Check(problem, reference, *operands)
+        self.inputs = [cl_array.to_device(queue, a) for a in operands]
+        self.poison = np.full(out_shape, np.nan, problem.numpy_dtype)   # unwritten stays NaN
+        self.y = cl_array.empty(queue, out_shape, problem.numpy_dtype)
         self.best_ms = math.inf
         self.launches = {}              # candidate key -> built launch, for the final rounds
 
@@ -133,11 +133,10 @@ class Tuner:
         return space
 
     def _launch(self, launch):
-        b = None if self.b is None else (self.b.base_data, 0)
-        event = launch(self.queue, (self.x.base_data, 0), (self.w.base_data, 0), b,
-                       (self.y.base_data, 0), self.problem.batch)
-        event.wait()
-        return (event.profile.end - event.profile.start) * 1e-6
+        events = launch(self.queue, [(a.base_data, 0) for a in self.inputs],
+                        (self.y.base_data, 0), self.problem.batch)
+        events[-1].wait()
+        return (events[-1].profile.end - events[0].profile.start) * 1e-6
 
     def evaluate(self, algorithm, config):
         """Build, check and time one candidate; never raises for a bad candidate."""
@@ -173,9 +172,10 @@ class Tuner:
         progress(result) is called after each candidate."""
         start = time.perf_counter()
         deadline = start + (1 - CONFIRM_SHARE) * budget
-        default_alg, default_config = algorithms.choose(self.problem, self.info)
+        default_alg, default_config = algorithms.choose(self.problem, self.info,
+                                                        self.operation)
         space = self.candidates()
-        result = TuneResult(self.problem, None, None, space=len(space))
+        result = TuneResult(self.problem, self.operation, None, None, space=len(space))
         seen = set()
 
         def try_one(algorithm, config):
@@ -263,6 +263,21 @@ class Tuner:
                     if trial.ok and trial.ms < anchor.ms:
                         return True         # moved: climb on from the new best
         return tried_any
+
+
+def _test_case(problem, operation, rng):
+    """(operands, output shape, NumPy reference) of random test data for an operation."""
+    def draw(shape):
+        return rng.standard_normal(shape).astype(problem.numpy_dtype)
+    if operation == "input_grad":
+        return ([draw(problem.output_shape), draw(problem.weight_shape)], problem.input_shape,
+                conv2d_input_grad_numpy)
+    if operation == "weight_grad":
+        return ([draw(problem.input_shape), draw(problem.output_shape)], problem.weight_shape,
+                conv2d_weight_grad_numpy)
+    bias = [draw(problem.out_channels)] if problem.has_bias else []
+    return ([draw(problem.input_shape), draw(problem.weight_shape)] + bias,
+            problem.output_shape, conv2d_numpy)
 
 
 def _first_line(err):

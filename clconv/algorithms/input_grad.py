@@ -1,0 +1,90 @@
+"""The input gradient as a register-tiled transposed convolution (gather, no atomics)."""
+from __future__ import annotations
+
+import dataclasses
+
+from .base import Algorithm, Param, index_type, operands, with_scratch, work_group_problem
+from .direct import MAX_ACCUMULATORS, VECTOR_WIDTHS, widest_tw
+
+
+class InputGrad(Algorithm):
+    operation = "input_grad"
+    name = "input_grad"
+    template = "input_grad.cl.mako"
+    kernel_name = "conv2d_input_grad"
+    params = (
+        Param("tc", tuple(range(1, 17)), "input channels per work-item"),
+        Param("tw", VECTOR_WIDTHS, "input columns per work-item (one vector)"),
+        Param("lx", (1, 2, 4, 8, 16, 32), "work-group size along column tiles"),
+        Param("ly", (1, 2, 4, 8, 16), "work-group size along rows"),
+        Param("lz", (1, 2, 4, 8), "work-group size along channel blocks"),
+    )
+
+    def constraints(self, problem, info, config):
+        if config["tw"] not in VECTOR_WIDTHS or config["tw"] > widest_tw(problem):
+            return f"tw must be one of {VECTOR_WIDTHS} and <= {widest_tw(problem)}"
+        if not 1 <= config["tc"] <= problem.cin_per_group:
+            return "tc must be between 1 and the input channels per group"
+        scalars = config["tc"] * config["tw"] * (2 if problem.dtype == "float64" else 1)
+        if scalars > MAX_ACCUMULATORS:
+            return f"tc*tw accumulators ({scalars} scalar registers) exceed {MAX_ACCUMULATORS}"
+        return work_group_problem((config["lx"], config["ly"], config["lz"]), info)
+
+    def default_config(self, problem, info):
+        cols = _target(problem)[1]
+        tw = min(8 if cols >= 8 else 4 if cols >= 4 else 1, widest_tw(problem))
+        blocks = -(-problem.cin_per_group // 8)
+        tc = -(-problem.cin_per_group // blocks)
+        local = (1, 1, 1) if info.is_cpu else (min(16, -(-cols // tw)), 4, 1)
+        while work_group_problem(local, info):
+            local = (max(1, local[0] // 2), max(1, local[1] // 2), 1)
+        return {"tc": tc, "tw": tw, "lx": local[0], "ly": local[1], "lz": local[2]}
+
+    def constants(self, problem, config):
+        rows, cols, row0, col0 = _target(problem)
+        return dict(
+            dtype=problem.dtype, idx_t=config.get("idx_t") or index_type(padded(problem)),
+            kernel_size=problem.kernel_size, stride=problem.stride,
+            dilation=problem.dilation, pad=problem.pad, padding_mode=problem.padding_mode,
+            height=problem.height, width=problem.width,
+            h_out=problem.out_height, w_out=problem.out_width,
+            cin=problem.in_channels, cout=problem.out_channels, groups=problem.groups,
+            cin_g=problem.cin_per_group, cout_g=problem.cout_per_group,
+            rows=rows, cols=cols, row0=row0, col0=col0,
+            padded_target=problem.padding_mode != "zeros", tc=config["tc"], tw=config["tw"])
+
+    def ranges(self, problem, config):
+        rows, cols = _target(problem)[:2]
+        blocks = problem.groups * -(-problem.cin_per_group // config["tc"])
+        items = (-(-cols // config["tw"]), problem.batch * rows, blocks)
+        return items, (config["lx"], config["ly"], config["lz"])
+
+    def launcher(self, problem, queue, config, strict, epilogue):
+        main = super().launcher(problem, queue, config, strict, epilogue)
+        if problem.padding_mode == "zeros":
+            return main
+        # Other modes: the gradient of the whole padded plane, then folded onto the input.
+        constants = self.constants(problem, config)
+        fold = self.step(queue, "fold_padding.cl.mako", "fold_padding", constants,
+                         ("buffer",) + operands(1),
+                         lambda batch: (problem.width, problem.height,
+                                        batch * problem.in_channels), None, strict)
+        rows, cols = _target(problem)[:2]
+        return with_scratch(main, fold, lambda batch: batch * problem.in_channels * rows * cols,
+                            problem.dtype)
+
+
+def _target(problem):
+    """(rows, cols, first row, first column) of what the main kernel computes, in padded
+    coordinates: the input itself under 'zeros' padding, else the whole padded plane."""
+    pt, pb, pl, pr = problem.pad
+    if problem.padding_mode == "zeros":
+        return problem.height, problem.width, pt, pl
+    return problem.height + pt + pb, problem.width + pl + pr, 0, 0
+
+
+def padded(problem):
+    """The problem with its input grown by the padding: what the padded plane indexes."""
+    pt, pb, pl, pr = problem.pad
+    return dataclasses.replace(problem, height=problem.height + pt + pb,
+                               width=problem.width + pl + pr)

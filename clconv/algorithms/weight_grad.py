@@ -1,0 +1,81 @@
+"""The weight gradient: a split reduction over batch * output rows, vectorised along rows."""
+from __future__ import annotations
+
+from .base import Algorithm, Param, index_type, operands, with_scratch, work_group_problem
+from .direct import MAX_ACCUMULATORS, VECTOR_WIDTHS, widest_tw
+
+SPLITS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+class WeightGrad(Algorithm):
+    operation = "weight_grad"
+    name = "weight_grad"
+    template = "weight_grad.cl.mako"
+    kernel_name = "conv2d_weight_grad"
+    params = (
+        Param("tk", (1, 2, 3, 4, 6, 8, 12, 16), "output channels per work-item"),
+        Param("tw", VECTOR_WIDTHS, "output columns per step (one vector)"),
+        Param("splits", SPLITS, "shares of the batch * output rows summed apart"),
+        Param("lx", (1, 2, 4, 8, 16, 32, 64), "work-group size along (c, kh, kw)"),
+        Param("ly", (1, 2, 4, 8), "work-group size along output-channel blocks"),
+    )
+
+    def constraints(self, problem, info, config):
+        if config["tw"] not in VECTOR_WIDTHS or config["tw"] > widest_tw(problem):
+            return f"tw must be one of {VECTOR_WIDTHS} and <= {widest_tw(problem)}"
+        if not 1 <= config["tk"] <= problem.cout_per_group:
+            return "tk must be between 1 and the output channels per group"
+        if config["splits"] not in SPLITS:
+            return f"splits must be one of {SPLITS}"
+        scalars = config["tk"] * config["tw"] * (2 if problem.dtype == "float64" else 1)
+        if scalars > MAX_ACCUMULATORS:
+            return f"tk*tw accumulators ({scalars} scalar registers) exceed {MAX_ACCUMULATORS}"
+        return work_group_problem((config["lx"], config["ly"], 1), info)
+
+    def default_config(self, problem, info):
+        w_out = problem.out_width
+        tw = min(8 if w_out >= 8 else 4 if w_out >= 4 else 2 if w_out >= 2 else 1,
+                 widest_tw(problem))
+        tk = max(v for v in self.params[0].values if v <= min(4, problem.cout_per_group))
+        # Enough independent sums to fill the device, each over at least 8 rows.
+        outputs = (problem.cin_per_group * problem.kernel_size[0] * problem.kernel_size[1]
+                   * problem.groups * -(-problem.cout_per_group // tk))
+        want = 16 * info.compute_units if info.is_cpu else 16 * 1024
+        rows = problem.batch * problem.out_height
+        splits = 1
+        while splits < SPLITS[-1] and outputs * splits < want and rows >= 16 * splits:
+            splits *= 2
+        local = (1, 1) if info.is_cpu else (min(64, outputs), 1)
+        while work_group_problem(local + (1,), info):
+            local = (max(1, local[0] // 2), 1)
+        return {"tk": tk, "tw": tw, "splits": splits, "lx": local[0], "ly": local[1]}
+
+    def constants(self, problem, config):
+        return dict(
+            dtype=problem.dtype, idx_t=config.get("idx_t") or index_type(problem),
+            kernel_size=problem.kernel_size, stride=problem.stride,
+            dilation=problem.dilation, pad=problem.pad, padding_mode=problem.padding_mode,
+            height=problem.height, width=problem.width,
+            h_out=problem.out_height, w_out=problem.out_width,
+            cin=problem.in_channels, cout=problem.out_channels, groups=problem.groups,
+            cin_g=problem.cin_per_group, cout_g=problem.cout_per_group,
+            tk=config["tk"], tw=config["tw"], splits=config["splits"])
+
+    def ranges(self, problem, config):
+        kh, kw = problem.kernel_size
+        blocks = problem.groups * -(-problem.cout_per_group // config["tk"])
+        items = (problem.cin_per_group * kh * kw, blocks, config["splits"])
+        return items, (config["lx"], config["ly"], 1)
+
+    def launcher(self, problem, queue, config, strict, epilogue):
+        main = super().launcher(problem, queue, config, strict, epilogue)
+        splits = config["splits"]
+        if splits == 1:
+            return main
+        count = problem.out_channels * problem.cin_per_group * (problem.kernel_size[0]
+                                                                 * problem.kernel_size[1])
+        total = self.step(queue, "sum_splits.cl.mako", "sum_splits",
+                          dict(dtype=problem.dtype, idx_t=index_type(problem), count=count,
+                               splits=splits),
+                          ("buffer",) + operands(1), lambda batch: (count,), None, strict)
+        return with_scratch(main, total, lambda batch: splits * count, problem.dtype)

@@ -1,0 +1,115 @@
+"""The gradients of conv2d, as torch.nn.grad.conv2d_input / conv2d_weight compute them.
+
+Each is an operation of the same Problem as the forward (same argument rules and messages),
+planned and tuned like it: conv2d_input_grad runs a transposed convolution (then folds the
+padded plane onto the input under reflect/replicate/circular padding), conv2d_weight_grad a
+split reduction over batch and rows, conv2d_bias_grad a per-channel sum.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import arrays
+from .algorithms.base import build_step, operands, with_scratch
+from .device import device_info
+from .functional import _operand, _resolve_queue, check_device_limits, check_operand, run
+from .problem import INT32_LIMIT, dtype_name, make_problem
+
+
+def conv2d_input_grad(input_shape, weight, grad_output, stride=1, padding=0, dilation=1,
+                      groups=1, padding_mode="zeros", *, queue=None):
+    """d(loss)/d(input) of conv2d, given grad_output = d(loss)/d(output).
+
+    input_shape: (N, C_in, H, W), or (C_in, H, W) with an unbatched grad_output. Arrays are
+    NumPy (the result is NumPy) or pyopencl arrays (the result stays on the device).
+    """
+    w = _operand(weight, "weight")
+    dy = _operand(grad_output, "grad_output")
+    shape = _shape(input_shape, "input_shape")
+    problem, unbatched = make_problem(shape, w.dtype, w.shape, w.dtype, None, None, stride,
+                                      padding, dilation, groups, padding_mode)
+    check_operand(dy, "grad_output", _unbatch(problem.output_shape, unbatched), problem.dtype)
+    queue = _resolve_queue(queue, dy, w)
+    check_device_limits(problem, queue.device)
+    return run(problem, queue, "input_grad", [dy, w], shape)
+
+
+def conv2d_weight_grad(input, weight_shape, grad_output, stride=1, padding=0, dilation=1,
+                       groups=1, padding_mode="zeros", *, queue=None):
+    """d(loss)/d(weight) of conv2d, given the input and grad_output = d(loss)/d(output)."""
+    x = _operand(input, "input")
+    dy = _operand(grad_output, "grad_output")
+    shape = _shape(weight_shape, "weight_shape")
+    problem, unbatched = make_problem(x.shape, x.dtype, shape, x.dtype, None, None, stride,
+                                      padding, dilation, groups, padding_mode)
+    check_operand(dy, "grad_output", _unbatch(problem.output_shape, unbatched), problem.dtype)
+    queue = _resolve_queue(queue, x, dy)
+    check_device_limits(problem, queue.device)
+    return run(problem, queue, "weight_grad", [x, dy], shape)
+
+
+def conv2d_bias_grad(grad_output, *, queue=None):
+    """d(loss)/d(bias) of conv2d: grad_output summed over batch, height and width.
+    grad_output: (N, C_out, H_out, W_out) or unbatched (C_out, H_out, W_out)."""
+    dy = _operand(grad_output, "grad_output")
+    if dy.ndim not in (3, 4):
+        raise ValueError("grad_output must be 3-D (C, H, W) unbatched or 4-D (N, C, H, W), "
+                         f"got shape {tuple(dy.shape)}")
+    dtype = dtype_name(dy.dtype, "grad_output")
+    n, c, h, w = (1,) + tuple(dy.shape) if dy.ndim == 3 else tuple(dy.shape)
+    queue = _resolve_queue(queue, dy)
+    if dtype == "float64" and not device_info(queue.device).fp64:
+        raise TypeError("float64 needs the cl_khr_fp64 extension; use float32")
+    on_device = arrays.is_device_array(dy)
+    if c == 0:
+        return arrays.empty(queue, (0,), dy.dtype) if on_device else np.empty(0, dy.dtype)
+    buf, off, owner = arrays.operand(queue, dy)
+    out = arrays.empty(queue, (c,), dy.dtype)
+    events = _bias_launch(queue, n, c, h * w, dtype)(queue, [(buf, off)], (out.base_data, 0),
+                                                     n, wait_for=owner.events or None)
+    out.add_event(events[-1])
+    return out if on_device else out.get()
+
+
+_bias_launches: dict = {}
+
+
+def _bias_launch(queue, batch, channels, plane, dtype):
+    """The bias-gradient run(): channel sums, split over the batch when the channels alone
+    leave the device idle (a memory-bound sum; not tuned). Memoised per specialisation."""
+    info = device_info(queue.device)
+    want = 4 * info.compute_units if info.is_cpu else 4096
+    splits = 1
+    while channels * splits < want and batch >= 2 * splits:
+        splits *= 2
+    idx_t = "int" if batch * channels * plane <= INT32_LIMIT else "long"
+    key = (queue.context, queue.device, channels, plane, dtype, splits, idx_t)
+    if key not in _bias_launches:
+        constants = dict(dtype=dtype, idx_t=idx_t, channels=channels, plane=plane,
+                         tw=4 if dtype == "float64" else 8, splits=splits)
+        sums = build_step(queue, "bias_grad.cl.mako", "conv2d_bias_grad", constants,
+                          operands(1) + ("buffer", "int"), lambda b: (channels, splits))
+
+        def main(queue, inputs, output, batch, wait_for):
+            return [sums(queue, batch, *inputs[0], output[0], batch, wait_for=wait_for)]
+        if splits > 1:
+            total = build_step(queue, "sum_splits.cl.mako", "sum_splits",
+                               dict(constants, count=channels), ("buffer",) + operands(1),
+                               lambda b: (channels,))
+            main = with_scratch(main, total, lambda b: splits * channels, dtype)
+        _bias_launches[key] = main
+    return _bias_launches[key]
+
+
+def _shape(value, name):
+    try:
+        shape = tuple(int(v) for v in value)
+    except TypeError:
+        raise TypeError(f"{name} must be a sequence of ints, got {value!r}") from None
+    if len(shape) not in (3, 4):
+        raise ValueError(f"{name} must have 3 (unbatched) or 4 dimensions, got {shape}")
+    return shape
+
+
+def _unbatch(shape, unbatched):
+    return shape[1:] if unbatched else shape

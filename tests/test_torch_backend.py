@@ -1,0 +1,302 @@
+"""clconv.torch: autograd, nn.Conv2d subclass and model conversion, against torch itself."""
+import copy
+
+import pytest
+
+torch = pytest.importorskip("torch")
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+import clconv.torch as ct  # noqa: E402
+
+# (input shape (None as batch = unbatched), out channels, kernel, nn.Conv2d keyword arguments)
+GRAD_CASES = {
+    "plain": ((2, 3, 6, 6), 4, 3, {}),
+    "stride2-pad1": ((2, 3, 7, 7), 4, 3, dict(stride=2, padding=1)),
+    "pairs": ((2, 2, 7, 6), 3, (3, 2), dict(stride=(2, 1), padding=(1, 2), dilation=(1, 2))),
+    "same-dilated": ((2, 2, 7, 7), 3, 3, dict(padding="same", dilation=2)),
+    "same-even": ((2, 2, 6, 5), 3, (2, 4), dict(padding="same")),
+    "valid-no-bias": ((2, 2, 6, 6), 3, 2, dict(padding="valid", stride=2, bias=False)),
+    "groups": ((2, 4, 5, 5), 6, 3, dict(groups=2, padding=1)),
+    "depthwise": ((2, 4, 6, 6), 4, 3, dict(groups=4, padding=1, stride=2)),
+    "depthwise-x3": ((2, 2, 5, 5), 6, 3, dict(groups=2, padding=1)),
+    "pointwise": ((2, 4, 5, 5), 3, 1, dict(stride=2)),
+    "reflect": ((2, 2, 6, 6), 3, 3, dict(padding=1, padding_mode="reflect")),
+    "replicate": ((2, 2, 6, 5), 3, 3, dict(padding=(2, 1), padding_mode="replicate")),
+    "circular": ((2, 2, 5, 6), 3, 3, dict(padding=(1, 2), padding_mode="circular", stride=2)),
+    "reflect-same-groups": ((2, 4, 6, 6), 4, 3, dict(padding="same", padding_mode="reflect",
+                                                      groups=2)),
+    "circular-dilated-depthwise": ((2, 2, 7, 7), 4, 3, dict(padding=2, dilation=2, groups=2,
+                                                            padding_mode="circular")),
+    "unbatched": ((3, 6, 6), 4, 3, dict(padding=1, stride=2)),
+    "unbatched-replicate-groups": ((4, 5, 5), 2, 3, dict(padding=1, groups=2,
+                                                         padding_mode="replicate")),
+}
+
+
+def make_pair(input_shape, out_channels, kernel, kwargs, dtype, seed=0):
+    """(torch nn.Conv2d, input) with random weights, deterministic."""
+    torch.manual_seed(seed)
+    channels = input_shape[-3]
+    module = nn.Conv2d(channels, out_channels, kernel, dtype=dtype, **kwargs)
+    x = torch.randn(input_shape, dtype=dtype, requires_grad=True)
+    return module, x
+
+
+def gradcheck(case, **kwargs):
+    """torch.autograd.gradcheck of Conv2dFunction in float64 on GRAD_CASES[case]."""
+    module, x = make_pair(*GRAD_CASES[case], torch.float64)
+    geometry = (module.stride, module.padding, module.dilation, module.groups,
+                module.padding_mode)
+    return torch.autograd.gradcheck(
+        lambda x, w, b: ct.Conv2dFunction.apply(x, w, b, *geometry),
+        (x, module.weight, module.bias), **kwargs)
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+@pytest.mark.parametrize("case", GRAD_CASES)
+def test_gradcheck(case):
+    # fast mode: random projections of the full Jacobians (every entry takes part)
+    assert gradcheck(case, fast_mode=True)
+
+
+@pytest.mark.parametrize("case", ["stride2-pad1", "depthwise-x3", "circular", "unbatched"])
+def test_gradcheck_full_jacobian(case):
+    assert gradcheck(case)
+
+
+def test_only_requested_gradients(monkeypatch):
+    module = ct.Conv2d.from_torch(make_pair(*GRAD_CASES["plain"], torch.float64)[0])
+    module.weight.requires_grad_(False)
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)        # no gradient wanted either
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a gradient nobody asked for was computed")
+
+    monkeypatch.setattr(ct.clconv, "conv2d_input_grad", refuse)
+    monkeypatch.setattr(ct.clconv, "conv2d_weight_grad", refuse)
+    module(x).sum().backward()
+    assert module.bias.grad is not None and module.weight.grad is None
+
+
+@pytest.mark.parametrize("case", ["pairs", "depthwise-x3", "reflect-same-groups", "unbatched"])
+def test_float32_forward_backward_match_torch(case):
+    reference, x = make_pair(*GRAD_CASES[case], torch.float32)
+    module = ct.Conv2d.from_torch(reference)
+    x2 = x.detach().clone().requires_grad_(True)
+    y, y2 = reference(x), module(x2)
+    torch.testing.assert_close(y2, y, rtol=1e-4, atol=1e-5)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    y2.backward(grad)
+    torch.testing.assert_close(x2.grad, x.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(module.weight.grad, reference.weight.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(module.bias.grad, reference.bias.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_float16_forward_backward():
+    reference, _ = make_pair((2, 8, 9, 9), 16, 3, dict(padding=1, stride=2), torch.float32)
+    module = ct.Conv2d.from_torch(reference).half()
+    x = torch.randn(2, 8, 9, 9).half().requires_grad_(True)
+    y = module(x)
+    # the reference sees the same half-rounded operands, computed in float32
+    x32, w32, b32 = (t.detach().float().requires_grad_(True) for t in
+                     (x, module.weight, module.bias))
+    expected = F.conv2d(x32, w32, b32, stride=2, padding=1)
+    assert y.dtype == torch.float16
+    torch.testing.assert_close(y.float(), expected, rtol=2e-3, atol=2e-3)
+    grad = torch.randn_like(expected).half()
+    y.backward(grad)
+    expected.backward(grad.float())
+    for ours, theirs in [(x, x32), (module.weight, w32), (module.bias, b32)]:
+        assert ours.grad.dtype == torch.float16
+        # stored as half: within a few half ulps of the largest gradient
+        torch.testing.assert_close(ours.grad.float(), theirs.grad, rtol=0,
+                                   atol=2e-3 * theirs.grad.abs().max().item())
+
+
+# --- ResNet-18, written here from torch.nn modules (no torchvision) ---------------------
+
+class BasicBlock(nn.Module):
+    def __init__(self, in_channels, channels, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, channels, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = None
+        if stride != 1 or in_channels != channels:
+            self.downsample = nn.Sequential(nn.Conv2d(in_channels, channels, 1, stride,
+                                                      bias=False), nn.BatchNorm2d(channels))
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + identity)
+
+
+def resnet18(num_classes=10):
+    layers = [nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True),
+              nn.MaxPool2d(3, 2, 1)]
+    in_channels = 64
+    for channels, stride in [(64, 1), (128, 2), (256, 2), (512, 2)]:
+        layers += [BasicBlock(in_channels, channels, stride), BasicBlock(channels, channels, 1)]
+        in_channels = channels
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, num_classes)]
+    return nn.Sequential(*layers)
+
+
+@pytest.fixture(scope="module")
+def resnets():
+    torch.manual_seed(0)
+    reference = resnet18().double()
+    converted = ct.convert(copy.deepcopy(reference))
+    assert sum(type(m) is ct.Conv2d for m in converted.modules()) == 20
+    assert not any(type(m) is nn.Conv2d for m in converted.modules())
+    return reference, converted
+
+
+def test_resnet18_eval_logits(resnets):
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        expected = resnets[0].eval()(x)
+        logits = resnets[1].eval()(x)
+    torch.testing.assert_close(logits, expected, rtol=1e-9, atol=1e-9)
+
+
+def test_resnet18_train_gradients(resnets):
+    torch.manual_seed(2)
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    target = torch.tensor([3, 7])
+    grads = []
+    for model in resnets:
+        model.train().zero_grad()
+        F.cross_entropy(model(x), target).backward()
+        grads.append({name: p.grad for name, p in model.named_parameters()})
+    assert grads[0].keys() == grads[1].keys()
+    for name, expected in grads[0].items():
+        torch.testing.assert_close(grads[1][name], expected, rtol=1e-7, atol=1e-9, msg=name)
+
+
+# --- convert, fusion, the module ------------------------------------------------------
+
+def small_net():
+    torch.manual_seed(3)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect"), nn.ReLU6(),
+        nn.Conv2d(8, 8, 3, groups=8, padding=1), nn.SiLU(),
+        nn.Conv2d(8, 8, 1), nn.GELU(),
+        nn.Conv2d(8, 8, 1), nn.GELU(approximate="tanh"),
+        nn.Conv2d(8, 4, 3, stride=2), nn.BatchNorm2d(4), nn.ReLU(),
+    )
+
+
+def test_convert_keeps_parameters_and_state():
+    model = small_net()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    params = list(model.parameters())
+    model.eval()
+    assert ct.convert(model) is model
+    assert list(model.parameters()) == params          # the very same Parameter objects
+    assert all(a is b for a, b in zip(model.parameters(), params))
+    assert model.state_dict().keys() == state.keys()
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    assert not model[0].training
+
+
+def test_convert_fuses_in_sequential_only():
+    reference = small_net()
+    model = ct.convert(copy.deepcopy(reference))
+    fused = [(i, m.activation) for i, m in enumerate(model) if isinstance(m, ct.Conv2d)]
+    assert fused == [(0, "relu"), (2, "relu6"), (4, "silu"), (6, "gelu"), (8, None), (10, None)]
+    for i in (1, 3, 5, 7):
+        assert type(model[i]) is nn.Identity
+    assert type(model[9]) is nn.GELU and type(model[12]) is nn.ReLU
+    assert "activation='relu'" in repr(model[0])
+    x = torch.randn(2, 3, 10, 10)
+    for mode in ("train", "eval"):
+        getattr(reference, mode)(), getattr(model, mode)()
+        torch.testing.assert_close(model(x), reference(x), rtol=1e-4, atol=1e-5)
+        with torch.no_grad():                           # the fused kernels
+            torch.testing.assert_close(model(x), reference(x), rtol=1e-4, atol=1e-5)
+
+
+def test_convert_without_fusion():
+    model = ct.convert(small_net(), fuse=False)
+    assert all(m.activation is None for m in model if isinstance(m, ct.Conv2d))
+    assert type(model[1]) is nn.ReLU
+
+
+def test_no_fusion_outside_sequential():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.relu = nn.ReLU()
+
+        def forward(self, x):
+            return self.relu(self.conv(x)) + self.conv(x)
+
+    net = ct.convert(Net())
+    assert type(net.conv) is ct.Conv2d and net.conv.activation is None
+    assert type(net.relu) is nn.ReLU
+
+
+def test_convert_root_conv_and_nested():
+    conv = nn.Conv2d(3, 4, 3)
+    new = ct.convert(conv)
+    assert type(new) is ct.Conv2d and new.weight is conv.weight and new.bias is conv.bias
+    model = nn.ModuleDict({"a": nn.Sequential(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()))})
+    ct.convert(model)
+    assert model["a"][0][0].activation == "relu"
+
+
+def test_activation_validation():
+    x, w = torch.randn(1, 2, 5, 5), torch.randn(3, 2, 3, 3)
+    with pytest.raises(ValueError, match="activation.*gelu.*relu.*relu6.*silu"):
+        ct.conv2d(x, w, activation="tanh")
+    with pytest.raises(ValueError, match="activation"):
+        ct.Conv2d(2, 3, 3, activation="sigmoid")
+
+
+@pytest.mark.parametrize("activation", [None, "relu", "relu6", "silu", "gelu"])
+def test_activation_and_residual_match_torch(activation):
+    torch.manual_seed(4)
+    operands = [torch.randn(2, 4, 8, 8), torch.randn(6, 2, 3, 3), torch.randn(6),
+                torch.randn(2, 6, 4, 4)]
+    kwargs = dict(stride=2, padding=1, groups=2)
+
+    def reference(x, w, b, residual):
+        y = F.conv2d(x, w, b, **kwargs) + residual
+        return y if activation is None else ct.ACTIVATIONS[activation](y)
+
+    expected = reference(*operands)
+    # inference: one fused kernel
+    y = ct.conv2d(*operands[:3], **kwargs, activation=activation, residual=operands[3])
+    torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-5)
+    # autograd: the same value and the gradient of every operand
+    leaves = [t.clone().requires_grad_(True) for t in operands]
+    y = ct.conv2d(*leaves[:3], **kwargs, activation=activation, residual=leaves[3])
+    torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-5)
+    reference_leaves = [t.clone().requires_grad_(True) for t in operands]
+    grad = torch.randn_like(expected)
+    y.backward(grad)
+    reference(*reference_leaves).backward(grad)
+    for leaf, reference_leaf in zip(leaves, reference_leaves):
+        torch.testing.assert_close(leaf.grad, reference_leaf.grad, rtol=1e-4, atol=1e-4)
+
+def test_module_loads_torch_checkpoint(tmp_path):
+    torch.manual_seed(5)
+    reference = nn.Conv2d(4, 6, (3, 2), stride=(2, 1), padding="valid", groups=2,
+                          padding_mode="replicate")
+    torch.save(reference.state_dict(), tmp_path / "conv.pt")
+    module = ct.Conv2d(4, 6, (3, 2), stride=(2, 1), padding="valid", groups=2,
+                       padding_mode="replicate")
+    module.load_state_dict(torch.load(tmp_path / "conv.pt"))
+    assert module.state_dict().keys() == reference.state_dict().keys()
+    x = torch.randn(3, 4, 9, 8)
+    torch.testing.assert_close(module(x), reference(x), rtol=1e-5, atol=1e-6)

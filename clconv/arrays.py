@@ -6,6 +6,7 @@ array is first gathered into a contiguous one on the device, never through the h
 from __future__ import annotations
 
 import numpy as np
+import pyopencl as cl
 import pyopencl.array as cl_array
 
 from . import programs
@@ -57,7 +58,7 @@ def gather_contiguous(queue, a):
     out = empty(queue, a.shape, a.dtype)
     source = programs.render("gather.cl.mako", word_t=WORD_TYPES[itemsize], shape=shape,
                              strides=strides)
-    kernel = programs.program(queue.context, source).gather4d
+    kernel = cl.Kernel(programs.program(queue.context, source), "gather4d")
     out.add_event(kernel(queue, shape[:0:-1], None, a.base_data,
                          np.int64(a.offset // itemsize), out.base_data, wait_for=a.events))
     return out

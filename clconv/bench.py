@@ -1,7 +1,9 @@
 """`clconv bench`: the standard layer suite on one device, checked and timed.
 
+Each layer's forward convolution, and with --backward its input and weight gradients.
 Device time comes from OpenCL profiling events (inputs already on the device); torch's CPU
-convolution, when installed, is timed in the same run by wall clock. Both report the best of
+convolution (F.conv2d, torch.nn.grad.conv2d_input / conv2d_weight), when installed, is
+timed in the same run by wall clock. Both report the best of
 the repeats: on a shared machine torch's thread pool was seen to stall ~30 ms on some calls,
 which poisons medians. Every result is checked against the NumPy reference.
 """
@@ -14,15 +16,19 @@ from dataclasses import dataclass
 import numpy as np
 import pyopencl.array as cl_array
 
-from . import autotune
+from . import autotune, planner
 from .device import device_info
-from .functional import check_device_limits, run
-from .reference import TOLERANCE, Check, conv2d_numpy
+from .functional import check_device_limits
+from .reference import TOLERANCE, Check, test_case
 from .suites import layer_problem, load_suite
+
+OPERATIONS = ("forward", "input_grad", "weight_grad")
+
 
 @dataclass
 class Row:
     name: str
+    operation: str
     shape: str
     gflop: float
     ms: float
@@ -52,50 +58,55 @@ def describe(p):
     return text + f" -> {p.out_channels}"
 
 
-def time_device(problem, queue, x, w, repeats):
-    """Best kernel time in ms over repeats, from profiling events; and the last output."""
-    times = []
-    for _ in range(repeats):
-        y = run(problem, queue, "forward", [x, w], problem.output_shape)
-        event = y.events[-1]
-        event.wait()
-        times.append((event.profile.end - event.profile.start) * 1e-6)
-    return min(times), y
+def time_device(problem, queue, operation, operands, out_shape, repeats):
+    """Best device time in ms over repeats (profiling events, operands already on the
+    device), and the output of the last run."""
+    launch = planner.plan(problem, queue, operation)
+    inputs = [cl_array.to_device(queue, a) for a in operands]
+    y = cl_array.empty(queue, out_shape, problem.numpy_dtype)
+    times = [launch.timed(queue, [(a.base_data, 0) for a in inputs], (y.base_data, 0),
+                          problem.batch) for _ in range(repeats)]
+    return min(times), y.get()
 
 
-def time_torch(x, w, problem, repeats):
+def time_torch(problem, operation, operands, repeats):
+    """Best wall-clock ms of torch's CPU version of the operation, or None without torch."""
     try:
         import torch
         import torch.nn.functional as F
     except ImportError:
         return None
-    xt, wt = torch.from_numpy(x), torch.from_numpy(w)
+    a, b = (torch.from_numpy(v) for v in operands[:2])
     pt, pb, pl, pr = problem.pad
     args = dict(stride=problem.stride, padding=(pt, pl), dilation=problem.dilation,
                 groups=problem.groups)
+    call = {"forward": lambda: F.conv2d(a, b, **args),
+            "input_grad": lambda: torch.nn.grad.conv2d_input(problem.input_shape, b, a, **args),
+            "weight_grad": lambda: torch.nn.grad.conv2d_weight(a, problem.weight_shape, b,
+                                                               **args)}[operation]
     with torch.no_grad():
-        F.conv2d(xt, wt, **args)     # warm-up
+        call()     # warm-up
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
-            F.conv2d(xt, wt, **args)
+            call()
             times.append((time.perf_counter() - start) * 1e3)
     return min(times)
 
 
-def bench_layer(layer, queue, repeats, batch=None, with_torch=True, seed=0):
+def bench_layer(layer, queue, repeats, batch=None, with_torch=True, seed=0,
+                operation="forward"):
     problem = layer_problem(layer, batch)
     if problem.pad[0] != problem.pad[1] or problem.pad[2] != problem.pad[3]:
         raise ValueError(f"{layer['name']}: the suite holds symmetric paddings only")
     check_device_limits(problem, queue.device)
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal(problem.input_shape, dtype=np.float32)
-    w = rng.standard_normal(problem.weight_shape, dtype=np.float32)
-    xd, wd = cl_array.to_device(queue, x), cl_array.to_device(queue, w)
-    ms, y = time_device(problem, queue, xd, wd, repeats)
-    max_error = Check(problem, conv2d_numpy, x, w).error(y.get())
-    torch_ms = time_torch(x, w, problem, repeats) if with_torch else None
-    return Row(layer["name"], describe(problem), problem.flops / 1e9, ms, max_error, torch_ms)
+    operands, out_shape, reference = test_case(problem, operation,
+                                               np.random.default_rng(seed))
+    ms, y = time_device(problem, queue, operation, operands, out_shape, repeats)
+    max_error = Check(problem, reference, *operands).error(y)
+    torch_ms = time_torch(problem, operation, operands, repeats) if with_torch else None
+    return Row(layer["name"], operation, describe(problem), problem.flops / 1e9, ms,
+               max_error, torch_ms)
 
 
 def geomean(values):
@@ -104,12 +115,14 @@ def geomean(values):
 
 
 def format_table(rows, has_torch):
-    head = f"{'layer':<32} {'shape':<38} {'GFLOP':>7} {'ms':>9} {'GFLOP/s':>8}"
+    head = (f"{'layer':<32} {'operation':<11} {'shape':<38} {'GFLOP':>7} {'ms':>9} "
+            f"{'GFLOP/s':>8}")
     if has_torch:
         head += f" {'torch ms':>9} {'vs torch':>8}"
     lines = [head + "  check", "-" * len(head + "  check")]
     for r in rows:
-        line = f"{r.name:<32} {r.shape:<38} {r.gflop:7.3f} {r.ms:9.3f} {r.gflops:8.1f}"
+        line = (f"{r.name:<32} {r.operation:<11} {r.shape:<38} {r.gflop:7.3f} {r.ms:9.3f} "
+                f"{r.gflops:8.1f}")
         if has_torch:
             line += f" {r.torch_ms:9.3f} {r.speedup:7.2f}x"
         lines.append(line + ("  ok" if r.ok else
@@ -121,7 +134,8 @@ def format_row(r, has_torch):
     return format_table([r], has_torch).splitlines()[-1]
 
 
-def main(queue, suite=None, only=None, batch=None, repeats=10, with_torch=True, out=sys.stdout):
+def main(queue, suite=None, only=None, batch=None, repeats=10, with_torch=True, out=sys.stdout,
+         backward=False):
     layers = [l for l in load_suite(suite) if not only or only in l["name"]]
     if with_torch:
         try:
@@ -139,17 +153,23 @@ def main(queue, suite=None, only=None, batch=None, repeats=10, with_torch=True, 
     table = format_table([], with_torch).splitlines()
     print("\n".join(table), file=out, flush=True)
     rows = []
+    operations = OPERATIONS if backward else OPERATIONS[:1]
     for i, layer in enumerate(layers, 1):
-        print(f"[{i}/{len(layers)}] {layer['name']} ...", file=sys.stderr, flush=True)
-        row = bench_layer(layer, queue, repeats, batch, with_torch)
-        rows.append(row)
-        print(format_row(row, with_torch), file=out, flush=True)
+        for operation in operations:
+            print(f"[{i}/{len(layers)}] {layer['name']} {operation} ...", file=sys.stderr,
+                  flush=True)
+            row = bench_layer(layer, queue, repeats, batch, with_torch, operation=operation)
+            rows.append(row)
+            print(format_row(row, with_torch), file=out, flush=True)
     print("-" * len(table[0]), file=out)
-    summary = f"total {sum(r.gflop for r in rows):.2f} GFLOP in {sum(r.ms for r in rows):.1f} ms"
-    if with_torch:
-        summary += (f"; geometric mean vs torch {geomean(r.speedup for r in rows):.2f}x "
-                    "(> 1: clconv faster)")
-    print(summary, file=out)
+    for operation in operations:
+        mine = [r for r in rows if r.operation == operation]
+        summary = (f"{operation}: total {sum(r.gflop for r in mine):.2f} GFLOP in "
+                   f"{sum(r.ms for r in mine):.1f} ms")
+        if with_torch:
+            summary += (f"; geometric mean vs torch {geomean(r.speedup for r in mine):.2f}x "
+                        "(> 1: clconv faster)")
+        print(summary, file=out)
     failed = [r.name for r in rows if not r.ok]
     if failed:
         print(f"CHECK FAILED: {', '.join(failed)}", file=out)

@@ -56,7 +56,8 @@ def cmd_bench(args):
     from . import bench
     queue = queue_for(args.device)
     _, ok = bench.main(queue, suite=args.suite, only=args.only, batch=args.batch,
-                       repeats=args.repeats, with_torch=not args.no_torch)
+                       repeats=args.repeats, with_torch=not args.no_torch,
+                       backward=args.backward)
     return 0 if ok else 1
 
 
@@ -66,7 +67,8 @@ def cmd_tune(args):
     if args.batch is not None and args.batch < 1:
         raise ValueError(f"--batch must be positive, got {args.batch}")
     _, ok = suite.main(queue_for(args.device), suite=args.suite, only=args.only,
-                       batch=args.batch, budget=budget, retune=args.retune, export=args.export)
+                       batch=args.batch, budget=budget, retune=args.retune, export=args.export,
+                       backward=args.backward)
     return 0 if ok else 1
 
 
@@ -84,6 +86,8 @@ def main(argv=None):
     bench.add_argument("--batch", type=int, help="override every layer's batch size")
     bench.add_argument("--repeats", type=int, default=10, help="timed runs per layer")
     bench.add_argument("--no-torch", action="store_true", help="skip the torch comparison")
+    bench.add_argument("--backward", action="store_true",
+                       help="also the input and weight gradients (torch: torch.nn.grad)")
     bench.set_defaults(func=cmd_bench)
     tune = sub.add_parser("tune", help="tune a layer suite for this device and remember it")
     tune.add_argument("--device", help="device name substring")
@@ -92,6 +96,8 @@ def main(argv=None):
     tune.add_argument("--batch", type=int, help="override every layer's batch size")
     tune.add_argument("--budget", type=float, help="seconds per layer (default: "
                       f"CLCONV_TUNE_BUDGET, else {autotune.DEFAULT_BUDGET:g})")
+    tune.add_argument("--backward", action="store_true",
+                      help="also tune each layer's input and weight gradients")
     tune.add_argument("--retune", action="store_true",
                       help="tune layers already in the cache again (default: re-measure them)")
     tune.add_argument("--export", metavar="FILE",

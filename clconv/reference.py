@@ -32,6 +32,22 @@ class Check:
         return error <= self.tolerance      # NaN (an unwritten output) fails too
 
 
+def test_case(problem, operation, rng):
+    """(operands, output shape, reference) of random test data for an operation of problem
+    ('forward', 'input_grad', 'weight_grad'), in the order its kernels take them."""
+    def draw(shape):
+        return rng.standard_normal(shape).astype(problem.numpy_dtype)
+    if operation == "input_grad":
+        return ([draw(problem.output_shape), draw(problem.weight_shape)], problem.input_shape,
+                conv2d_input_grad_numpy)
+    if operation == "weight_grad":
+        return ([draw(problem.input_shape), draw(problem.output_shape)], problem.weight_shape,
+                conv2d_weight_grad_numpy)
+    bias = [draw(problem.out_channels)] if problem.has_bias else []
+    return ([draw(problem.input_shape), draw(problem.weight_shape)] + bias,
+            problem.output_shape, conv2d_numpy)
+
+
 def conv2d_numpy(problem, x, w, b=None):
     """The convolution `problem` describes, on (N, C, H, W) x, computed in float64."""
     xp = _padded(problem, x)

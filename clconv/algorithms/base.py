@@ -45,6 +45,13 @@ class Launch:
     def __call__(self, queue, inputs, output, batch, wait_for=None):
         return self._run(queue, inputs, output, batch, wait_for)
 
+    def timed(self, queue, inputs, output, batch):
+        """Run once and wait; the device time in ms from the first kernel's start to the last
+        one's end (profiling events: the queue must have profiling enabled)."""
+        events = self(queue, inputs, output, batch)
+        events[-1].wait()
+        return (events[-1].profile.end - events[0].profile.start) * 1e-6
+
 
 class Step:
     """One built kernel and its NDRange: items(batch) work-items, in work-groups of local."""

@@ -27,8 +27,7 @@ from .. import algorithms
 from ..device import device_info
 from ..functional import check_device_limits
 from ..programs import BuildError
-from ..reference import (Check, conv2d_input_grad_numpy, conv2d_numpy,
-                         conv2d_weight_grad_numpy)
+from ..reference import Check, test_case
 from .cache import signature
 
 EXHAUSTIVE_LIMIT = 64           # spaces up to this size are tried in full
@@ -112,8 +111,8 @@ class Tuner:
         self.info = device_info(queue.device)
         pool = candidates_from or algorithms.for_operation(operation)
         self.algorithms = [a for a in pool if a.applies(problem)]
-        operands, out_shape, reference = _test_case(problem, operation,
-                                                    np.random.default_rng(seed))
+        operands, out_shape, reference = test_case(problem, operation,
+                                                   np.random.default_rng(seed))
         self.check = Check(problem, reference, *operands)
         self.inputs = [cl_array.to_device(queue, a) for a in operands]
         self.poison = np.full(out_shape, np.nan, problem.numpy_dtype)   # unwritten stays NaN
@@ -133,10 +132,8 @@ class Tuner:
         return space
 
     def _launch(self, launch):
-        events = launch(self.queue, [(a.base_data, 0) for a in self.inputs],
-                        (self.y.base_data, 0), self.problem.batch)
-        events[-1].wait()
-        return (events[-1].profile.end - events[0].profile.start) * 1e-6
+        return launch.timed(self.queue, [(a.base_data, 0) for a in self.inputs],
+                            (self.y.base_data, 0), self.problem.batch)
 
     def evaluate(self, algorithm, config):
         """Build, check and time one candidate; never raises for a bad candidate."""
@@ -263,21 +260,6 @@ class Tuner:
                     if trial.ok and trial.ms < anchor.ms:
                         return True         # moved: climb on from the new best
         return tried_any
-
-
-def _test_case(problem, operation, rng):
-    """(operands, output shape, NumPy reference) of random test data for an operation."""
-    def draw(shape):
-        return rng.standard_normal(shape).astype(problem.numpy_dtype)
-    if operation == "input_grad":
-        return ([draw(problem.output_shape), draw(problem.weight_shape)], problem.input_shape,
-                conv2d_input_grad_numpy)
-    if operation == "weight_grad":
-        return ([draw(problem.input_shape), draw(problem.output_shape)], problem.weight_shape,
-                conv2d_weight_grad_numpy)
-    bias = [draw(problem.out_channels)] if problem.has_bias else []
-    return ([draw(problem.input_shape), draw(problem.weight_shape)] + bias,
-            problem.output_shape, conv2d_numpy)
 
 
 def _first_line(err):

@@ -67,13 +67,14 @@ class ProgressBar:
             self.stream.flush()
 
 
-def tune_layer(problem, queue, budget, retune, progress):
-    """One suite row: tune problem, or re-measure its cached entry against the default."""
+def tune_layer(problem, queue, budget, retune, progress, operation="forward"):
+    """One suite row: tune an operation of problem, or re-measure its cached entry against
+    the default."""
     info = device_info(queue.device)
-    cached = cache_entries(info).get(signature(problem))
-    tuner = Tuner(problem, queue)
+    cached = cache_entries(info).get(signature(problem, operation=operation))
+    tuner = Tuner(problem, queue, operation=operation)
     if cached is not None and not retune:
-        default_alg, default_config = algorithms.choose(problem, info)
+        default_alg, default_config = algorithms.choose(problem, info, operation)
         default = tuner.evaluate(default_alg, default_config)
         mine = tuner.evaluate(algorithms.ALGORITHMS[cached["algorithm"]], cached["config"])
         return SuiteRow("", describe(problem), default.ms, mine.ms, mine.describe(), 0, 0.0,
@@ -87,13 +88,13 @@ def tune_layer(problem, queue, budget, retune, progress):
                     result.best.describe(), len(result.trials), result.seconds, "tuned")
 
 
-HEADER = (f"{'layer':<30} {'default ms':>10} {'tuned ms':>9} {'speed-up':>8} {'tried':>5} "
+HEADER = (f"{'layer':<42} {'default ms':>10} {'tuned ms':>9} {'speed-up':>8} {'tried':>5} "
           f"{'s':>5}  chosen")
 RULE = "-" * (len(HEADER) + 30)
 
 
 def format_row(r):
-    return (f"{r.name:<30} {_ms(r.default_ms):>10} {_ms(r.tuned_ms):>9} "
+    return (f"{r.name:<42} {_ms(r.default_ms):>10} {_ms(r.tuned_ms):>9} "
             f"{(f'{r.speedup:.2f}x' if r.speedup else '-'):>8} {r.tried:>5} "
             f"{r.seconds:5.0f}  {r.choice}" + ("" if r.how == "tuned" else f" ({r.how})"))
 
@@ -103,20 +104,25 @@ def _ms(value):
 
 
 def main(queue, suite=None, only=None, batch=None, budget=20.0, retune=False, export=None,
-         out=sys.stdout, err=sys.stderr):
+         out=sys.stdout, err=sys.stderr, backward=False):
     layers = [l for l in load_suite(suite) if not only or only in l["name"]]
+    operations = ("forward", "input_grad", "weight_grad") if backward else ("forward",)
+    jobs = [(layer, op) for layer in layers for op in operations]
     info = device_info(queue.device)
     print(f"clconv tune: {info.name} ({info.platform}, driver {info.driver_version}); "
-          f"suite {suite or 'standard'}, {len(layers)} layers, budget {budget:g} s per layer",
-          file=out, flush=True)
+          f"suite {suite or 'standard'}, {len(layers)} layers ({', '.join(operations)}), "
+          f"budget {budget:g} s each", file=out, flush=True)
     print(f"{HEADER}\n{RULE}", file=out, flush=True)
-    bar = ProgressBar(len(layers), err)
+    bar = ProgressBar(len(jobs), err)
     rows, start = [], time.perf_counter()
-    for i, layer in enumerate(layers, 1):
-        bar.layer(i, layer["name"])
+    for i, (layer, operation) in enumerate(jobs, 1):
+        name = layer["name"] if batch is None else f"{layer['name']}@n{batch}"
+        name = name if operation == "forward" else f"{name} {operation}"
+        bar.layer(i, name)
         problem = layer_problem(layer, batch)
-        row = tune_layer(problem, queue, budget, retune, lambda r: bar.update(r, budget))
-        row.name = layer["name"] if batch is None else f"{layer['name']}@n{batch}"
+        row = tune_layer(problem, queue, budget, retune, lambda r: bar.update(r, budget),
+                         operation)
+        row.name = name
         rows.append(row)
         bar.clear()
         print(format_row(row), file=out, flush=True)
@@ -124,7 +130,7 @@ def main(queue, suite=None, only=None, batch=None, budget=20.0, retune=False, ex
     speedups = [r.speedup for r in rows if r.speedup]
     mean = geomean(speedups)
     print(f"geometric-mean speed-up of tuned over default: "
-          f"{f'{mean:.2f}x' if mean else '-'} over {len(speedups)} layers; tuning took "
+          f"{f'{mean:.2f}x' if mean else '-'} over {len(speedups)} rows; tuning took "
           f"{time.perf_counter() - start:.0f} s", file=out)
     print(f"cache: {cache_path(info)} ({len(cache_entries(info))} problems)", file=out)
     if export:

@@ -20,7 +20,8 @@ from clconv.autotune import cache
 from clconv.autotune.search import Tuner
 from clconv.problem import make_problem
 
-from reference import assert_matches
+from reference import (assert_matches, conv2d_input_grad_ref, conv2d_weight_grad_ref,
+                       conv2d_input_grad_abs_bound, conv2d_weight_grad_abs_bound)
 
 
 def problem_of(n=1, cin=4, h=9, w=10, cout=6, k=3, stride=1, padding=1, dilation=1, groups=1,
@@ -262,6 +263,59 @@ def test_a_fast_wrong_candidate_never_wins(cache_dir, queue):
     assert any(t.status == "wrong result" for t in result.trials)
 
 
+@pytest.mark.parametrize("operation", ["input_grad", "weight_grad"])
+@pytest.mark.parametrize("p", [
+    problem_of(n=2, cin=6, h=11, w=13, cout=4, stride=2, padding=1),
+    problem_of(n=1, cin=4, h=9, w=10, cout=8, k=3, padding=2, dilation=2, groups=2,
+               padding_mode="reflect"),
+], ids=["s2", "reflect-d2-g2"])
+def test_gradients_tune_and_their_winners_run(cache_dir, queue, info, rng, operation, p):
+    result = clconv.tune(p, budget=2.5, queue=queue, operation=operation)
+    assert result.best is not None and result.best.ok and result.best.algorithm == operation
+    signature = cache.signature(p, operation=operation)
+    assert signature.startswith(operation) and result.signature == signature
+    assert cache.cache_entries(info)[signature]["config"] == result.best.config
+    assert cache.signature(p) not in cache.cache_entries(info)     # the forward is apart
+    assert planner.chosen(p, queue, operation) == (operation, result.best.config)
+    x = rng.standard_normal(p.input_shape).astype(np.float32)
+    w = rng.standard_normal(p.weight_shape).astype(np.float32)
+    dy = rng.standard_normal(p.output_shape).astype(np.float32)
+    args = conv_args(p)
+    if operation == "input_grad":
+        got = clconv.conv2d_input_grad(p.input_shape, w, dy, queue=queue, **args)
+        expected = conv2d_input_grad_ref(p.input_shape, w, dy, **args)
+        bound = conv2d_input_grad_abs_bound(p.input_shape, w, dy, **args)
+    else:
+        got = clconv.conv2d_weight_grad(x, p.weight_shape, dy, queue=queue, **args)
+        expected = conv2d_weight_grad_ref(x, p.weight_shape, dy, **args)
+        bound = conv2d_weight_grad_abs_bound(x, p.weight_shape, dy, **args)
+    assert np.abs(got - expected).max() <= 1e-5 * bound.max()
+
+
+def test_a_fast_wrong_gradient_candidate_never_wins(cache_dir, queue):
+    from clconv.algorithms.input_grad import InputGrad
+
+    class WrongWhenTc2(InputGrad):
+        """Sums one output channel only when tc == 2: faster, and wrong."""
+        name = "wrong-when-tc2"
+
+        def constants(self, problem, config):
+            c = super().constants(problem, config)
+            return dict(c, cout_g=1) if config["tc"] == 2 else c
+
+    p = problem_of(cin=4, h=16, w=16, cout=32)
+    tuner = Tuner(p, queue, candidates_from=[WrongWhenTc2()], operation="input_grad")
+    wrong = tuner.evaluate(WrongWhenTc2(), {"tc": 2, "tw": 4, "lx": 1, "ly": 1, "lz": 1})
+    assert wrong.status == "wrong result" and wrong.ms is None
+    result = tuner.run(budget=3)
+    assert result.best.ok and result.best.config["tc"] != 2
+
+
+def test_unknown_operation_is_rejected(cache_dir, queue):
+    with pytest.raises(ValueError, match="operation must be one of"):
+        clconv.tune(problem_of(), budget=1, queue=queue, operation="backward")
+
+
 class BrokenSometimes(Direct):
     """tw == 2 does not compile; lx == too_big exceeds the device's work-group limit."""
     name = "broken-sometimes"
@@ -421,6 +475,12 @@ def test_cli_tune_table_cache_export_and_info(cache_dir, tmp_path, info):
     shown = clconv_cli("info")
     assert "2 problems tuned for this device" in shown.stdout, shown.stdout
     assert str(cache.cache_path(info)) in shown.stdout
+    backward = clconv_cli("tune", "--suite", str(suite), "--budget", "1", "--only", "dw",
+                          "--backward")
+    assert backward.returncode == 0, backward.stderr
+    assert "tiny_dw input_grad" in backward.stdout and "tiny_dw weight_grad" in backward.stdout
+    assert "[3/3]" in backward.stderr
+    assert len(cache.cache_entries(info)) == 4
 
 
 @pytest.mark.parametrize("args, message", [

@@ -77,3 +77,12 @@ def test_bench_prints_a_checked_table():
     row = [l for l in proc.stdout.splitlines() if l.startswith("mbv2_dw3x3_960")]
     assert row and row[0].rstrip().endswith("ok"), proc.stdout
     assert "GFLOP/s" in proc.stdout and "[1/1]" in proc.stderr
+
+
+def test_bench_backward_adds_checked_gradient_rows():
+    proc = run_cli("bench", "--only", "r50_3x3_512-512@7_b1", "--repeats", "2", "--backward")
+    assert proc.returncode == 0, proc.stderr
+    rows = [l.split() for l in proc.stdout.splitlines() if l.startswith("r50_3x3_512")]
+    assert [r[1] for r in rows] == ["forward", "input_grad", "weight_grad"], proc.stdout
+    assert all(r[-1] == "ok" for r in rows), proc.stdout
+    assert "weight_grad: total" in proc.stdout and "input_grad: total" in proc.stdout

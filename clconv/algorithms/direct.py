@@ -12,6 +12,13 @@ MAX_VECTOR_BYTES = 32
 MAX_ACCUMULATORS = 128                  # tk * tw register bound (scalars)
 
 
+def work_group_params(along_x, along_y, along_z):
+    """The lx, ly, lz parameters of a kernel with a 3-D NDRange (tiles, rows, channels)."""
+    return (Param("lx", (1, 2, 4, 8, 16, 32), f"work-group size along {along_x}"),
+            Param("ly", (1, 2, 4, 8, 16), f"work-group size along {along_y}"),
+            Param("lz", (1, 2, 4, 8), f"work-group size along {along_z}"))
+
+
 class Direct(Algorithm):
     name = "direct"
     template = "direct.cl.mako"
@@ -19,25 +26,16 @@ class Direct(Algorithm):
     params = (
         Param("tk", tuple(range(1, 17)), "output channels per work-item"),
         Param("tw", VECTOR_WIDTHS, "output pixels per work-item along the row (one vector)"),
-        Param("lx", (1, 2, 4, 8, 16, 32), "work-group size along width tiles"),
-        Param("ly", (1, 2, 4, 8, 16), "work-group size along output rows"),
-        Param("lz", (1, 2, 4, 8), "work-group size along output-channel blocks"),
+        *work_group_params("width tiles", "output rows", "output-channel blocks"),
         # Off by default: on PoCL (AVX2) unrolling kw turned overlapping row loads into
         # shuffles and spills (~2x slower on 3x3 layers); other compilers may gain from it.
         Param("ukw", (0, 1), "unroll the kernel-column loop"),
     )
 
     def constraints(self, problem, info, config):
-        if config["tw"] not in VECTOR_WIDTHS:
-            return f"tw must be one of {VECTOR_WIDTHS}"
-        if not 1 <= config["tk"] <= problem.cout_per_group:
-            return "tk must be between 1 and the output channels per group"
-        if config["tw"] > widest_tw(problem):
-            return f"tw must be <= {widest_tw(problem)} for {problem.dtype}"
-        scalars = config["tk"] * config["tw"] * (2 if problem.dtype == "float64" else 1)
-        if scalars > MAX_ACCUMULATORS:
-            return f"tk*tw accumulators ({scalars} scalar registers) exceed {MAX_ACCUMULATORS}"
-        return work_group_problem((config["lx"], config["ly"], config["lz"]), info)
+        return (tile_problem(problem, config, "tk", problem.cout_per_group,
+                             "the output channels per group")
+                or work_group_problem((config["lx"], config["ly"], config["lz"]), info))
 
     def default_config(self, problem, info):
         w_out, cout_g = problem.out_width, problem.cout_per_group
@@ -61,23 +59,43 @@ class Direct(Algorithm):
         return {"tk": tk, "tw": tw, "lx": local[0], "ly": local[1], "lz": local[2], "ukw": 0}
 
     def constants(self, problem, config):
-        return dict(
-            # idx_t may be forced to 'long' (tests cover that variant on small problems).
-            dtype=problem.dtype, idx_t=config.get("idx_t") or index_type(problem),
-            kernel_size=problem.kernel_size, stride=problem.stride,
-            dilation=problem.dilation, pad=problem.pad, padding_mode=problem.padding_mode,
-            height=problem.height, width=problem.width,
-            h_out=problem.out_height, w_out=problem.out_width,
-            cin=problem.in_channels, cout=problem.out_channels, groups=problem.groups,
-            cin_g=problem.cin_per_group, cout_g=problem.cout_per_group,
-            has_bias=problem.has_bias, tk=config["tk"], tw=config["tw"],
-            unroll_kw=bool(config.get("ukw", 0)), activation=None, has_residual=False)
+        return dict(geometry(problem, config), has_bias=problem.has_bias, tk=config["tk"],
+                    tw=config["tw"], unroll_kw=bool(config.get("ukw", 0)), activation=None,
+                    has_residual=False)
 
     def ranges(self, problem, config):
         tiles = -(-problem.out_width // config["tw"])
         blocks = problem.groups * -(-problem.cout_per_group // config["tk"])
         items = (tiles, problem.batch * problem.out_height, blocks)
         return items, (config["lx"], config["ly"], config["lz"])
+
+
+def tile_problem(problem, config, channels, most, what):
+    """Why a register tile of config[channels] channels x one tw-wide vector is invalid for
+    problem (or None): vector widths compilers handle, and the accumulator bound."""
+    tw = config["tw"]
+    if tw not in VECTOR_WIDTHS or tw > widest_tw(problem):
+        return f"tw must be one of {VECTOR_WIDTHS} and <= {widest_tw(problem)} for {problem.dtype}"
+    if not 1 <= config[channels] <= most:
+        return f"{channels} must be between 1 and {what}"
+    scalars = config[channels] * tw * (2 if problem.dtype == "float64" else 1)
+    if scalars > MAX_ACCUMULATORS:
+        return (f"{channels}*tw accumulators ({scalars} scalar registers) exceed "
+                f"{MAX_ACCUMULATORS}")
+    return None
+
+
+def geometry(problem, config):
+    """The template constants every convolution kernel is specialised on. idx_t may be
+    forced to 'long' by the config (tests cover that variant on small problems)."""
+    return dict(
+        dtype=problem.dtype, idx_t=config.get("idx_t") or index_type(problem),
+        kernel_size=problem.kernel_size, stride=problem.stride,
+        dilation=problem.dilation, pad=problem.pad, padding_mode=problem.padding_mode,
+        height=problem.height, width=problem.width,
+        h_out=problem.out_height, w_out=problem.out_width,
+        cin=problem.in_channels, cout=problem.out_channels, groups=problem.groups,
+        cin_g=problem.cin_per_group, cout_g=problem.cout_per_group)
 
 
 def widest_tw(problem):

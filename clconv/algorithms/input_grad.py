@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 
 from .base import Algorithm, Param, index_type, operands, with_scratch, work_group_problem
-from .direct import MAX_ACCUMULATORS, VECTOR_WIDTHS, widest_tw
+from .direct import VECTOR_WIDTHS, geometry, tile_problem, widest_tw, work_group_params
 
 
 class InputGrad(Algorithm):
@@ -15,20 +15,13 @@ class InputGrad(Algorithm):
     params = (
         Param("tc", tuple(range(1, 17)), "input channels per work-item"),
         Param("tw", VECTOR_WIDTHS, "input columns per work-item (one vector)"),
-        Param("lx", (1, 2, 4, 8, 16, 32), "work-group size along column tiles"),
-        Param("ly", (1, 2, 4, 8, 16), "work-group size along rows"),
-        Param("lz", (1, 2, 4, 8), "work-group size along channel blocks"),
+        *work_group_params("column tiles", "rows", "input-channel blocks"),
     )
 
     def constraints(self, problem, info, config):
-        if config["tw"] not in VECTOR_WIDTHS or config["tw"] > widest_tw(problem):
-            return f"tw must be one of {VECTOR_WIDTHS} and <= {widest_tw(problem)}"
-        if not 1 <= config["tc"] <= problem.cin_per_group:
-            return "tc must be between 1 and the input channels per group"
-        scalars = config["tc"] * config["tw"] * (2 if problem.dtype == "float64" else 1)
-        if scalars > MAX_ACCUMULATORS:
-            return f"tc*tw accumulators ({scalars} scalar registers) exceed {MAX_ACCUMULATORS}"
-        return work_group_problem((config["lx"], config["ly"], config["lz"]), info)
+        return (tile_problem(problem, config, "tc", problem.cin_per_group,
+                             "the input channels per group")
+                or work_group_problem((config["lx"], config["ly"], config["lz"]), info))
 
     def default_config(self, problem, info):
         cols = _target(problem)[1]
@@ -42,16 +35,12 @@ class InputGrad(Algorithm):
 
     def constants(self, problem, config):
         rows, cols, row0, col0 = _target(problem)
-        return dict(
-            dtype=problem.dtype, idx_t=config.get("idx_t") or index_type(padded(problem)),
-            kernel_size=problem.kernel_size, stride=problem.stride,
-            dilation=problem.dilation, pad=problem.pad, padding_mode=problem.padding_mode,
-            height=problem.height, width=problem.width,
-            h_out=problem.out_height, w_out=problem.out_width,
-            cin=problem.in_channels, cout=problem.out_channels, groups=problem.groups,
-            cin_g=problem.cin_per_group, cout_g=problem.cout_per_group,
-            rows=rows, cols=cols, row0=row0, col0=col0,
-            padded_target=problem.padding_mode != "zeros", tc=config["tc"], tw=config["tw"])
+        # The padded plane may need wider indices than the input.
+        return dict(geometry(problem, config),
+                    idx_t=config.get("idx_t") or index_type(padded(problem)),
+                    rows=rows, cols=cols, row0=row0, col0=col0,
+                    padded_target=problem.padding_mode != "zeros", tc=config["tc"],
+                    tw=config["tw"])
 
     def ranges(self, problem, config):
         rows, cols = _target(problem)[:2]

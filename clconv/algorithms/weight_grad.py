@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from .base import Algorithm, Param, index_type, operands, with_scratch, work_group_problem
-from .direct import MAX_ACCUMULATORS, VECTOR_WIDTHS, widest_tw
+from .direct import VECTOR_WIDTHS, geometry, tile_problem, widest_tw
 
 SPLITS = (1, 2, 4, 8, 16, 32, 64, 128)
 
@@ -21,16 +21,11 @@ class WeightGrad(Algorithm):
     )
 
     def constraints(self, problem, info, config):
-        if config["tw"] not in VECTOR_WIDTHS or config["tw"] > widest_tw(problem):
-            return f"tw must be one of {VECTOR_WIDTHS} and <= {widest_tw(problem)}"
-        if not 1 <= config["tk"] <= problem.cout_per_group:
-            return "tk must be between 1 and the output channels per group"
         if config["splits"] not in SPLITS:
             return f"splits must be one of {SPLITS}"
-        scalars = config["tk"] * config["tw"] * (2 if problem.dtype == "float64" else 1)
-        if scalars > MAX_ACCUMULATORS:
-            return f"tk*tw accumulators ({scalars} scalar registers) exceed {MAX_ACCUMULATORS}"
-        return work_group_problem((config["lx"], config["ly"], 1), info)
+        return (tile_problem(problem, config, "tk", problem.cout_per_group,
+                             "the output channels per group")
+                or work_group_problem((config["lx"], config["ly"], 1), info))
 
     def default_config(self, problem, info):
         w_out = problem.out_width
@@ -51,15 +46,8 @@ class WeightGrad(Algorithm):
         return {"tk": tk, "tw": tw, "splits": splits, "lx": local[0], "ly": local[1]}
 
     def constants(self, problem, config):
-        return dict(
-            dtype=problem.dtype, idx_t=config.get("idx_t") or index_type(problem),
-            kernel_size=problem.kernel_size, stride=problem.stride,
-            dilation=problem.dilation, pad=problem.pad, padding_mode=problem.padding_mode,
-            height=problem.height, width=problem.width,
-            h_out=problem.out_height, w_out=problem.out_width,
-            cin=problem.in_channels, cout=problem.out_channels, groups=problem.groups,
-            cin_g=problem.cin_per_group, cout_g=problem.cout_per_group,
-            tk=config["tk"], tw=config["tw"], splits=config["splits"])
+        return dict(geometry(problem, config), tk=config["tk"], tw=config["tw"],
+                    splits=config["splits"])
 
     def ranges(self, problem, config):
         kh, kw = problem.kernel_size

@@ -70,12 +70,16 @@ def _resolve_queue(queue, *operands):
     return queue_for()
 
 
+def check_fp64(dtype, info):
+    if dtype == "float64" and not info.fp64:
+        raise TypeError(f"float64 needs the cl_khr_fp64 extension, which {info.name} lacks; "
+                        "use float32")
+
+
 def check_device_limits(problem, device):
     """Reject what the device cannot hold or compute, with the reason, before any work."""
     info = device_info(device)
-    if problem.dtype == "float64" and not info.fp64:
-        raise TypeError(f"float64 needs the cl_khr_fp64 extension, which {info.name} lacks; "
-                        "use float32")
+    check_fp64(problem.dtype, info)
     itemsize = problem.numpy_dtype.itemsize
     sizes = {"input": problem.input_shape, "weight": problem.weight_shape,
              "output": problem.output_shape}
@@ -95,18 +99,22 @@ def check_device_limits(problem, device):
 
 
 def run(problem, queue, operation, operands, out_shape, epilogue=()):
-    """Launch an operation of a checked problem. operands: its inputs in order, NumPy or
-    pyopencl arrays (None: absent, e.g. no bias). The result is a pyopencl array when the
-    first operand is one, else NumPy."""
+    """Launch an operation of a checked problem (see launch_into)."""
+    return launch_into(lambda: planner.plan(problem, queue, operation, epilogue), queue,
+                       operands, out_shape, problem.numpy_dtype, problem.batch)
+
+
+def launch_into(make_launch, queue, operands, out_shape, dtype, batch):
+    """Run make_launch()'s launch on operands into a new output. operands: its inputs in
+    order, NumPy or pyopencl arrays (None: absent, e.g. no bias). The result is a pyopencl
+    array when the first operand is one, else NumPy; an empty one needs no launch."""
     on_device = arrays.is_device_array(operands[0])
-    dtype = problem.numpy_dtype
     if 0 in out_shape:
         return arrays.empty(queue, out_shape, dtype) if on_device else np.empty(out_shape, dtype)
     inputs = [arrays.operand(queue, a) for a in operands if a is not None]
     y = arrays.empty(queue, out_shape, dtype)
     waits = [e for _, _, a in inputs for e in a.events]
-    launch = planner.plan(problem, queue, operation, epilogue)
-    events = launch(queue, [pair[:2] for pair in inputs], (y.base_data, 0), problem.batch,
-                    wait_for=waits or None)
+    events = make_launch()(queue, [pair[:2] for pair in inputs], (y.base_data, 0), batch,
+                           wait_for=waits or None)
     y.add_event(events[-1])
     return y if on_device else y.get()

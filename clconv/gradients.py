@@ -7,12 +7,10 @@ split reduction over batch and rows, conv2d_bias_grad a per-channel sum.
 """
 from __future__ import annotations
 
-import numpy as np
-
-from . import arrays
 from .algorithms.base import build_step, operands, with_scratch
 from .device import device_info
-from .functional import _operand, _resolve_queue, check_device_limits, check_operand, run
+from .functional import (_operand, _resolve_queue, check_device_limits, check_fp64,
+                         check_operand, launch_into, run)
 from .problem import INT32_LIMIT, dtype_name, make_problem
 
 
@@ -28,10 +26,7 @@ def conv2d_input_grad(input_shape, weight, grad_output, stride=1, padding=0, dil
     shape = _shape(input_shape, "input_shape")
     problem, unbatched = make_problem(shape, w.dtype, w.shape, w.dtype, None, None, stride,
                                       padding, dilation, groups, padding_mode)
-    check_operand(dy, "grad_output", _unbatch(problem.output_shape, unbatched), problem.dtype)
-    queue = _resolve_queue(queue, dy, w)
-    check_device_limits(problem, queue.device)
-    return run(problem, queue, "input_grad", [dy, w], shape)
+    return _gradient("input_grad", problem, unbatched, dy, [dy, w], shape, queue)
 
 
 def conv2d_weight_grad(input, weight_shape, grad_output, stride=1, padding=0, dilation=1,
@@ -42,10 +37,16 @@ def conv2d_weight_grad(input, weight_shape, grad_output, stride=1, padding=0, di
     shape = _shape(weight_shape, "weight_shape")
     problem, unbatched = make_problem(x.shape, x.dtype, shape, x.dtype, None, None, stride,
                                       padding, dilation, groups, padding_mode)
-    check_operand(dy, "grad_output", _unbatch(problem.output_shape, unbatched), problem.dtype)
-    queue = _resolve_queue(queue, x, dy)
+    return _gradient("weight_grad", problem, unbatched, dy, [x, dy], shape, queue)
+
+
+def _gradient(operation, problem, unbatched, dy, operands, out_shape, queue):
+    """Check grad_output against the problem, then run the operation on operands."""
+    output_shape = problem.output_shape[1:] if unbatched else problem.output_shape
+    check_operand(dy, "grad_output", output_shape, problem.dtype)
+    queue = _resolve_queue(queue, *operands)
     check_device_limits(problem, queue.device)
-    return run(problem, queue, "weight_grad", [x, dy], shape)
+    return run(problem, queue, operation, operands, out_shape)
 
 
 def conv2d_bias_grad(grad_output, *, queue=None):
@@ -58,17 +59,9 @@ def conv2d_bias_grad(grad_output, *, queue=None):
     dtype = dtype_name(dy.dtype, "grad_output")
     n, c, h, w = (1,) + tuple(dy.shape) if dy.ndim == 3 else tuple(dy.shape)
     queue = _resolve_queue(queue, dy)
-    if dtype == "float64" and not device_info(queue.device).fp64:
-        raise TypeError("float64 needs the cl_khr_fp64 extension; use float32")
-    on_device = arrays.is_device_array(dy)
-    if c == 0:
-        return arrays.empty(queue, (0,), dy.dtype) if on_device else np.empty(0, dy.dtype)
-    buf, off, owner = arrays.operand(queue, dy)
-    out = arrays.empty(queue, (c,), dy.dtype)
-    events = _bias_launch(queue, n, c, h * w, dtype)(queue, [(buf, off)], (out.base_data, 0),
-                                                     n, wait_for=owner.events or None)
-    out.add_event(events[-1])
-    return out if on_device else out.get()
+    check_fp64(dtype, device_info(queue.device))
+    return launch_into(lambda: _bias_launch(queue, n, c, h * w, dtype), queue, [dy], (c,),
+                       dy.dtype, n)
 
 
 _bias_launches: dict = {}
@@ -109,7 +102,3 @@ def _shape(value, name):
     if len(shape) not in (3, 4):
         raise ValueError(f"{name} must have 3 (unbatched) or 4 dimensions, got {shape}")
     return shape
-
-
-def _unbatch(shape, unbatched):
-    return shape[1:] if unbatched else shape

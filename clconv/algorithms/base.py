@@ -140,19 +140,15 @@ class Algorithm:
         constants = self.constants(problem, config)
         constants.update(epilogue or {})
         count = len(self.inputs(problem, constants)) + 1
-        step = self.step(queue, self.template, self.kernel_name, constants,
-                         operands(count) + ("int",),
-                         lambda batch: self.ranges(problem.with_batch(batch), config)[0],
-                         self.ranges(problem, config)[1], strict)
+        step = build_step(queue, self.template, self.kernel_name, constants,
+                          operands(count) + ("int",),
+                          lambda batch: self.ranges(problem.with_batch(batch), config)[0],
+                          self.ranges(problem, config)[1], strict)
 
         def run(queue, inputs, output, batch, wait_for):
             args = [a for pair in inputs for a in pair]
             return [step(queue, batch, *args, *output, batch, wait_for=wait_for)]
         return run
-
-    def step(self, queue, template, kernel_name, constants, signature, items, local, strict):
-        return build_step(queue, template, kernel_name, constants, signature, items, local,
-                          strict)
 
 
 def build_step(queue, template, kernel_name, constants, signature, items, local=None,

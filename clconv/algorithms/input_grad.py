@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from .base import Algorithm, Param, index_type, operands, with_scratch, work_group_problem
+from .base import (Algorithm, Param, build_step, index_type, operands, with_scratch,
+                   work_group_problem)
 from .direct import VECTOR_WIDTHS, geometry, tile_problem, widest_tw, work_group_params
 
 
@@ -54,10 +55,10 @@ class InputGrad(Algorithm):
             return main
         # Other modes: the gradient of the whole padded plane, then folded onto the input.
         constants = self.constants(problem, config)
-        fold = self.step(queue, "fold_padding.cl.mako", "fold_padding", constants,
-                         ("buffer",) + operands(1),
-                         lambda batch: (problem.width, problem.height,
-                                        batch * problem.in_channels), None, strict)
+        fold = build_step(queue, "fold_padding.cl.mako", "fold_padding", constants,
+                          ("buffer",) + operands(1),
+                          lambda batch: (problem.width, problem.height,
+                                         batch * problem.in_channels))
         rows, cols = _target(problem)[:2]
         return with_scratch(main, fold, lambda batch: batch * problem.in_channels * rows * cols,
                             problem.dtype)

@@ -1,7 +1,8 @@
 """The weight gradient: a split reduction over batch * output rows, vectorised along rows."""
 from __future__ import annotations
 
-from .base import Algorithm, Param, index_type, operands, with_scratch, work_group_problem
+from .base import (Algorithm, Param, build_step, index_type, operands, with_scratch,
+                   work_group_problem)
 from .direct import VECTOR_WIDTHS, geometry, tile_problem, widest_tw
 
 SPLITS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -62,8 +63,8 @@ class WeightGrad(Algorithm):
             return main
         count = problem.out_channels * problem.cin_per_group * (problem.kernel_size[0]
                                                                  * problem.kernel_size[1])
-        total = self.step(queue, "sum_splits.cl.mako", "sum_splits",
-                          dict(dtype=problem.dtype, idx_t=index_type(problem), count=count,
-                               splits=splits),
-                          ("buffer",) + operands(1), lambda batch: (count,), None, strict)
+        total = build_step(queue, "sum_splits.cl.mako", "sum_splits",
+                           dict(dtype=problem.dtype, idx_t=index_type(problem), count=count,
+                                splits=splits),
+                           ("buffer",) + operands(1), lambda batch: (count,))
         return with_scratch(main, total, lambda batch: splits * count, problem.dtype)

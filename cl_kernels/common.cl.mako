@@ -91,3 +91,15 @@ dot(${v}, (${t}${n})1)\
 (dot((${v}).lo, (${t}4)1) + dot((${v}).hi, (${t}4)1))\
 % endif
 </%def>
+
+## Store n values v (acc_t, a vector when n > 1) at output index i: plus the residual, then
+## the activation, in the one pass over the output (kernel arguments y, y_off, res, res_off).
+<%def name="epilogue_store(storage_t, activation, has_residual, v, acc_t, n, i)">\
+<%
+    vt = acc_t + (str(n) if n > 1 else '')
+    if has_residual:
+        v = '(%s + %s)' % (v, capture(load_vec, storage_t, n, 'res', 'res_off + ' + i))
+    v = capture(activate, activation, v, vt)
+%>\
+{ const ${vt} e = ${v}; ${store_vec(storage_t, n, 'e', 'y', 'y_off + ' + i)}; }\
+</%def>

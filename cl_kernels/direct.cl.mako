@@ -80,17 +80,9 @@ ${row_index('kh')}\
     }
 </%def>
 
-## Store the tile's channel t (n lanes from lane j0, at output index i): plus the residual,
-## then the activation, in one pass over the output.
+## Store the tile's channel t (n lanes from lane j0, at output index i).
 <%def name="epilogue(t, n, i, j0=0)">\
-<%
-    v = 'acc%d' % t if n == tw else capture(c.lane, 'acc%d' % t, tw, j0)
-    vt = acc_t + (str(n) if n > 1 else '')
-    if has_residual:
-        v = '(%s + %s)' % (v, capture(c.load_vec, storage_t, n, 'res', 'res_off + ' + i))
-    v = capture(c.activate, activation, v, vt)
-%>\
-{ const ${vt} e = ${v}; ${c.store_vec(storage_t, n, 'e', 'y', 'y_off + ' + i)}; }\
+${c.epilogue_store(storage_t, activation, has_residual, 'acc%d' % t if n == tw else capture(c.lane, 'acc%d' % t, tw, j0), acc_t, n, i)}\
 </%def>
 
 __kernel void conv2d_direct(

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 from .base import OPERATIONS, Algorithm, Launch, Param
 from .direct import Direct
+from .implicit_gemm import ImplicitGemm
 from .input_grad import InputGrad
 from .weight_grad import WeightGrad
 
-ALGORITHMS = {a.name: a for a in (Direct(), InputGrad(), WeightGrad())}
+ALGORITHMS = {a.name: a for a in (ImplicitGemm(), Direct(), InputGrad(), WeightGrad())}
 
 
 def for_operation(operation):
@@ -17,9 +18,10 @@ def for_operation(operation):
 
 
 def choose(problem, info, operation="forward"):
-    """(algorithm, config) by heuristic: the first algorithm that applies, its default."""
+    """(algorithm, config) by heuristic: the first algorithm preferred for problem, its
+    default."""
     for algorithm in for_operation(operation):
-        if algorithm.applies(problem):
+        if algorithm.preferred(problem):
             return algorithm, algorithm.default_config(problem, info)
     raise ValueError(f"no {operation} algorithm applies to {problem}")
 

@@ -108,6 +108,10 @@ class Algorithm:
     def applies(self, problem) -> bool:
         return True
 
+    def preferred(self, problem) -> bool:
+        """Whether the heuristic (untuned) choice should be this algorithm."""
+        return self.applies(problem)
+
     def constraints(self, problem, info, config):
         """A reason why config is invalid here, or None."""
         return None

@@ -71,16 +71,17 @@ class Direct(Algorithm):
 
 
 def tile_problem(problem, config, channels, most, what):
-    """Why a register tile of config[channels] channels x one tw-wide vector is invalid for
-    problem (or None): vector widths compilers handle, and the accumulator bound."""
+    """Why a register tile of config[channels] channels x tv (default 1) tw-wide vectors is
+    invalid for problem (or None): vector widths compilers handle, and the accumulator bound."""
     tw = config["tw"]
     if tw not in VECTOR_WIDTHS or tw > widest_tw(problem):
         return f"tw must be one of {VECTOR_WIDTHS} and <= {widest_tw(problem)} for {problem.dtype}"
     if not 1 <= config[channels] <= most:
         return f"{channels} must be between 1 and {what}"
-    scalars = config[channels] * tw * (2 if problem.dtype == "float64" else 1)
+    scalars = config[channels] * config.get("tv", 1) * tw * (2 if problem.dtype == "float64"
+                                                              else 1)
     if scalars > MAX_ACCUMULATORS:
-        return (f"{channels}*tw accumulators ({scalars} scalar registers) exceed "
+        return (f"{channels}*tv*tw accumulators ({scalars} scalar registers) exceed "
                 f"{MAX_ACCUMULATORS}")
     return None
 

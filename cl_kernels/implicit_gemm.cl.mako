@@ -1,0 +1,142 @@
+## Implicit GEMM: output (channels x pixels) = weights (channels x cin*KH*KW) times the input
+## windows, never materialised (no im2col).
+##
+## The input is read on a grid of `cols` columns where every kernel tap of a stride-1,
+## unpadded convolution is a constant offset: the staged input (padding applied, or a 1x1
+## convolution's stride; its zero rows at the end let every tile read densely), or the input
+## itself when there is nothing to stage (then the last tiles read lane by lane). Output pixel
+## (oh, ow) sits at grid position p = oh * cols + ow, so a run of consecutive p is one dense
+## vector load per tap; positions with ow >= w_out (the grid's extra columns) are computed
+## and dropped. One work-item computes tk output channels x tv vectors of tw positions: the
+## register tile of a CPU GEMM micro-kernel (tw-wide FMAs, one weight broadcast per channel).
+##
+## Global range: (position tiles, groups * channel blocks, batch), rounded up to the
+## work-group size; the surplus work-items return at once (the kernel has no barriers).
+<%namespace name="c" file="common.cl.mako"/>\
+<%
+    KH, KW = kernel_size
+    DH, DW = dilation
+    KHW = KH * KW
+    T = tv * tw                                 # grid positions per work-item
+    plane = rows * cols                         # one channel of the read grid
+    ends = (h_out - 1) * cols + w_out           # grid positions up to the last output
+    tiles = -(-ends // T)
+    k_blocks = -(-cout_g // tk)
+    ragged_k = cout_g % tk != 0
+    reach = (KH - 1) * DH * cols + (KW - 1) * DW  # the farthest tap from a position
+    dense_out = cols == w_out                   # grid positions are output positions
+    accv = acc_t + (str(tw) if tw > 1 else '')
+%>\
+${c.header(storage_t, acc_t)}
+typedef ${idx_t} idx_t;
+
+## The tw grid values of vector v under the tap at offset off, in the fast path (all inside
+## the plane) or lane by lane, clamped into the plane (the last tiles: clamped lanes are
+## never stored).
+<%def name="taps(inside)">
+    for (int ci = 0; ci < ${cin_g}; ++ci) {
+        __global const ${storage_t} *xc = xg + (idx_t)ci * ${plane};
+% for t in range(tk):
+        __global const ${storage_t} *w${t} = w + wrow${t} + ci * ${KHW};
+% endfor
+        #pragma unroll
+        for (int kh = 0; kh < ${KH}; ++kh) {
+% if unroll_kw:
+            #pragma unroll
+% endif
+            for (int kw = 0; kw < ${KW}; ++kw) {
+                const int off = p0 + kh * ${DH * cols} + kw * ${DW};
+% for v in range(tv):
+% if inside:
+                const ${accv} x${v} = ${c.load_vec(storage_t, tw, 'xc', 'off + %d' % (v * tw))};
+% else:
+                const ${accv} x${v} = (${accv})(${', '.join('LOAD(xc, min(off + %d, %d))' % (v * tw + j, plane - 1) for j in range(tw))});
+% endif
+% endfor
+% for t in range(tk):
+                const ${acc_t} w${t}k = LOAD(w${t}, kh * ${KW} + kw);
+% for v in range(tv):
+                acc${t}_${v} += w${t}k * x${v};
+% endfor
+% endfor
+            }
+        }
+    }
+</%def>
+
+__kernel void implicit_gemm(
+    __global const ${storage_t} * restrict x, const idx_t x_off,
+    __global const ${storage_t} * restrict w, const idx_t w_off,
+% if has_bias:
+    __global const ${storage_t} * restrict b, const idx_t b_off,
+% endif
+% if has_residual:
+    __global const ${storage_t} * restrict res, const idx_t res_off,
+% endif
+    __global ${storage_t} * restrict y, const idx_t y_off,
+    const int batch)
+{
+    const int tile = get_global_id(0);
+    const int kb = get_global_id(1);
+    const int n = get_global_id(2);
+    if (tile >= ${tiles} || kb >= ${groups * k_blocks} || n >= batch)
+        return;
+    const int g = kb / ${k_blocks};
+    const int k0 = (kb - g * ${k_blocks}) * ${tk};
+    const int p0 = tile * ${T};
+    __global const ${storage_t} *xg = x + x_off + ((idx_t)n * ${cin} + g * ${cin_g}) * ${plane};
+% for t in range(tk):
+% if ragged_k:
+    const idx_t wrow${t} = w_off + (idx_t)(g * ${cout_g} + min(k0 + ${t}, ${cout_g - 1})) * ${cin_g * KHW};
+% else:
+    const idx_t wrow${t} = w_off + (idx_t)(g * ${cout_g} + k0 + ${t}) * ${cin_g * KHW};
+% endif
+% for v in range(tv):
+    ${accv} acc${t}_${v} = (${accv})0;
+% endfor
+% endfor
+
+% if tiles * T - 1 + reach < plane:
+${taps(True)}
+% else:
+    if (p0 + ${T - 1 + reach} < ${plane}) {
+${taps(True)}
+    } else {
+${taps(False)}
+    }
+% endif
+
+% for t in range(tk):
+    ${'if (k0 + %d < %d)' % (t, cout_g) if ragged_k else ''} {
+        const idx_t yc = ((idx_t)n * ${cout} + g * ${cout_g} + k0 + ${t}) * ${h_out * w_out};
+% if has_bias:
+        const ${acc_t} bias = LOAD(b, b_off + g * ${cout_g} + k0 + ${t});
+% endif
+% for v in range(tv):
+<% a = 'acc%d_%d' % (t, v) %>\
+% if has_bias:
+        ${a} += bias;
+% endif
+% if dense_out:
+        if (p0 + ${(v + 1) * tw} <= ${ends}) {
+            ${c.epilogue_store(storage_t, activation, has_residual, a, acc_t, tw, 'yc + p0 + %d' % (v * tw))};
+        } else {
+% for j in range(tw):
+            if (p0 + ${v * tw + j} < ${ends}) ${c.epilogue_store(storage_t, activation, has_residual, capture(c.lane, a, tw, j), acc_t, 1, 'yc + p0 + %d' % (v * tw + j))};
+% endfor
+        }
+% else:
+% for j in range(tw):
+        {
+            const int p = p0 + ${v * tw + j};
+            const int oh = p / ${cols};
+            const int ow = p - oh * ${cols};
+            if (ow < ${w_out} && p < ${ends})
+                ${c.epilogue_store(storage_t, activation, has_residual, capture(c.lane, a, tw, j), acc_t, 1, 'yc + oh * %d + ow' % w_out)};
+        }
+% endfor
+% endif
+% endfor
+    }
+% endfor
+}

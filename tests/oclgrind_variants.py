@@ -106,6 +106,7 @@ def variants():
                        dict(padding=1, padding_mode=mode), dtype, TILES[op](2, 4))
             yield (f"{prefix}{dtype}-tw1", op, (1, 2, 4, 4), (2, 2, 3, 3), False,
                    dict(stride=2), dtype, TILES[op](2, 1))
+    yield from gemm_variants()
     # The weight gradient's split reduction (partial sums, then sum_splits), ragged columns.
     for dtype in ("float16", "float32", "float64"):
         yield (f"weight_grad-splits-{dtype}", "weight_grad", (3, 2, 5, 9), (4, 2, 3, 3), False,
@@ -117,6 +118,39 @@ def variants():
             yield (f"epilogue-{activation}-{dtype}", "forward", (2, 3, 5, 7), (5, 3, 3, 3),
                    True, dict(padding=1), dtype,
                    dict(tk=3, tw=4, activation=activation, residual=True))
+
+
+def gemm_variants():
+    """The implicit GEMM forward: staged grids under every padding mode (and a strided 1x1's
+    sampled grid), unstaged inputs whose last tiles read lane by lane, dense and gapped
+    output grids, every vector width, dtypes and the epilogue."""
+    def gemm(tk, tv, tw, **extra):
+        return dict(algorithm="implicit_gemm", tk=tk, tv=tv, tw=tw) | extra
+    for mode in ("zeros", "reflect", "replicate", "circular"):
+        yield (f"gemm-{mode}-p1", "forward", (2, 3, 5, 7), (5, 3, 3, 3), True,
+               dict(padding=1, padding_mode=mode), "float32", gemm(3, 2, 4))
+        yield (f"gemm-{mode}-same-even-d2-g2", "forward", (1, 4, 9, 10), (4, 2, 2, 3), False,
+               dict(padding="same", dilation=(2, 1), groups=2, padding_mode=mode), "float32",
+               gemm(2, 1, 8))
+    yield ("gemm-unpadded-3x3", "forward", (1, 3, 6, 7), (4, 3, 3, 3), True, {}, "float32",
+           gemm(4, 1, 4))
+    yield ("gemm-1x1-dense", "forward", (2, 5, 3, 5), (3, 5, 1, 1), True, {}, "float32",
+           gemm(2, 4, 2))
+    yield ("gemm-1x1-stride2-padded", "forward", (2, 5, 7, 9), (3, 5, 1, 1), False,
+           dict(stride=2, padding=1, padding_mode="reflect"), "float32", gemm(3, 1, 4))
+    yield ("gemm-depthwise-mult2", "forward", (1, 3, 7, 7), (6, 1, 3, 3), True,
+           dict(padding=1, groups=3), "float32", gemm(2, 3, 4, ukw=1))
+    yield ("gemm-long-index", "forward", (1, 2, 5, 6), (3, 2, 3, 3), True, dict(padding=1),
+           "float32", gemm(2, 1, 4, idx_t="long"))
+    for dtype in ("float16", "float64"):
+        yield (f"gemm-{dtype}-staged", "forward", (1, 3, 6, 9), (4, 3, 3, 3), True,
+               dict(padding=1, padding_mode="circular"), dtype, gemm(2, 2, 4))
+        yield (f"gemm-{dtype}-1x1", "forward", (2, 3, 3, 5), (4, 3, 1, 1), False, {}, dtype,
+               gemm(4, 1, 4))
+    for activation in list(ACTIVATIONS)[1:]:
+        for dtype, kwargs in (("float32", dict(padding=1)), ("float16", {})):
+            yield (f"gemm-epilogue-{activation}-{dtype}", "forward", (2, 3, 5, 7), (5, 3, 3, 3),
+                   True, kwargs, dtype, gemm(3, 1, 4, activation=activation, residual=True))
 
 
 # Tile parameters per operation: (channels per work-item, vector width) -> config.
@@ -144,9 +178,10 @@ def run_variant(queue, name, operation, x_shape, w_shape, with_bias, kwargs, dty
     activation, with_residual = config.pop("activation", None), config.pop("residual", False)
     epilogue = dict(activation=activation, has_residual=with_residual) if operation == "forward" \
         else None
-    local = dict(lx=1, ly=1) | ({} if operation == "weight_grad" else dict(lz=1))
-    launch = ALGORITHMS[operation if operation != "forward" else "direct"].build(
-        problem, queue, local | config, epilogue=epilogue)
+    algorithm = ALGORITHMS[config.pop("algorithm", operation if operation != "forward"
+                                      else "direct")]
+    local = {p.name: 1 for p in algorithm.params if p.name in ("lx", "ly", "lz")}
+    launch = algorithm.build(problem, queue, local | config, epilogue=epilogue)
     inputs = {"forward": [x, w] + ([b] if b is not None else [])
               + ([residual] if with_residual else []),
               "input_grad": [dy, w], "weight_grad": [x, dy]}[operation]

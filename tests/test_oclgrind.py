@@ -51,6 +51,8 @@ def switches(name, operation, x_shape, w_shape, with_bias, kwargs, dtype, config
     p, _ = make_problem(x_shape, dtype, w_shape, dtype, (w_shape[0],) if with_bias else None,
                         dtype if with_bias else None, args["stride"], args["padding"],
                         args["dilation"], args["groups"], args["padding_mode"])
+    if config.get("algorithm") == "implicit_gemm":
+        return gemm_switches(p, dtype, with_bias, config)
     channels = config.get("tk", config.get("tc"))
     per_group = p.cin_per_group if operation == "input_grad" else p.cout_per_group
     width = {"forward": p.out_width, "input_grad": p.width + sum(p.pad[2:]),
@@ -70,6 +72,24 @@ def switches(name, operation, x_shape, w_shape, with_bias, kwargs, dtype, config
     return {(operation,) + s for s in found}
 
 
+def gemm_switches(p, dtype, with_bias, config):
+    """The implicit GEMM's compile-time branches that one variant takes."""
+    from clconv.algorithms.implicit_gemm import grid, staged
+    rows, cols, _ = grid(p, config)
+    tile = config["tv"] * config["tw"]
+    positions = (p.out_height - 1) * cols + p.out_width
+    reach = (p.kernel_size[0] - 1) * p.dilation[0] * cols + (p.kernel_size[1] - 1) * p.dilation[1]
+    found = {("mode", p.padding_mode), ("dtype", dtype), ("tw", config["tw"]),
+             ("tv", config["tv"]), ("bias", with_bias), ("ukw", config.get("ukw", 0)),
+             ("activation", config.get("activation")),
+             ("residual", config.get("residual", False)),
+             ("ragged_channels", p.cout_per_group % config["tk"] != 0),
+             ("staged", staged(p)), ("dense_out", cols == p.out_width),
+             ("lane_loads", -(-positions // tile) * tile - 1 + reach >= rows * cols),
+             ("idx", config.get("idx_t", "int"))}
+    return {("implicit_gemm",) + s for s in found}
+
+
 def test_variants_cover_every_template_branch():
     covered = set().union(*(switches(*v) for v in oclgrind_variants.variants()))
     direct = {p.name: p.values for p in ALGORITHMS["direct"].params}
@@ -87,6 +107,16 @@ def test_variants_cover_every_template_branch():
               | {("forward", "activation", a) for a in oclgrind_variants.ACTIVATIONS}
               | {("forward", "residual", r) for r in (True, False)}
               | {("weight_grad", "split", s) for s in (True, False)})
+    gemm = {p.name: p.values for p in ALGORITHMS["implicit_gemm"].params}
+    wanted |= {("implicit_gemm",) + s for s in (
+        {("mode", m) for m in ("zeros", "reflect", "replicate", "circular")}
+        | {("dtype", d) for d in ("float16", "float32", "float64")}
+        | {("tw", t) for t in gemm["tw"]} | {("tv", t) for t in gemm["tv"]}
+        | {("ukw", u) for u in gemm["ukw"]}
+        | {("activation", a) for a in oclgrind_variants.ACTIVATIONS}
+        | {(k, v) for k in ("bias", "residual", "ragged_channels", "staged", "dense_out",
+                            "lane_loads") for v in (True, False)}
+        | {("idx", "int"), ("idx", "long")})}
     assert wanted <= covered, f"not covered under Oclgrind: {sorted(wanted - covered)}"
     names = oclgrind_variants.all_names()
     assert {f"bias_grad-{d}-n{n}" for d in ("float16", "float64") for n in (1, 64)} <= set(names)

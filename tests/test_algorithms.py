@@ -1,0 +1,72 @@
+"""Every forward algorithm passes the whole correctness matrix on its own.
+
+The planner picks one algorithm per problem, so test_conv_matrix alone would leave the
+algorithms it does not pick untested on those cases. Here each algorithm is forced (its
+heuristic configuration) on every matrix case it applies to, in float32 (and float64 and
+float16 on their matrices), against the NumPy reference and torch.
+"""
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import clconv  # noqa: E402
+from clconv import algorithms, planner  # noqa: E402
+from clconv.problem import make_problem  # noqa: E402
+
+from test_conv_matrix import ALL, F16, F64, run_and_check  # noqa: E402
+
+FORWARD = [a.name for a in algorithms.for_operation("forward")]
+
+
+def problem_of(c, dtype):
+    """The clconv problem of a matrix case (for applies())."""
+    bias = (c.cout,) if c.bias else None
+    x_shape = c.x_shape() if c.n is not None else (1,) + c.x_shape()
+    return make_problem(x_shape, dtype, c.w_shape(), dtype, bias, dtype if bias else None,
+                        c.stride, c.padding, c.dilation, c.groups, c.mode)[0]
+
+
+@pytest.fixture
+def forced(monkeypatch):
+    """force(name): every plan from here on uses that algorithm's heuristic config."""
+    def force(name):
+        algorithm = algorithms.ALGORITHMS[name]
+        monkeypatch.setattr(algorithms, "choose", lambda problem, info, operation="forward":
+                            (algorithm, algorithm.default_config(problem, info)))
+        planner.forget()
+    monkeypatch.setenv("CLCONV_TUNE", "off")
+    yield force
+    planner.forget()
+
+
+def cases(ids, dtype):
+    return [pytest.param(name, case_id, id=f"{name}-{case_id}") for name in FORWARD
+            for case_id in ids
+            if algorithms.ALGORITHMS[name].applies(problem_of(ALL[case_id], dtype))]
+
+
+@pytest.mark.parametrize("name,case_id", cases(list(ALL), "float32"))
+def test_float32(forced, name, case_id):
+    forced(name)
+    run_and_check(ALL[case_id], "float32")
+    assert planner.chosen(problem_of(ALL[case_id], "float32"), clconv.queue_for())[0] == name
+
+
+@pytest.mark.parametrize("name,case_id", cases(F64, "float64"))
+def test_float64(forced, name, case_id):
+    forced(name)
+    run_and_check(ALL[case_id], "float64")
+
+
+@pytest.mark.parametrize("name,case_id", cases(F16, "float16"))
+def test_float16(forced, name, case_id):
+    forced(name)
+    run_and_check(ALL[case_id], "float16")
+
+
+def test_every_forward_algorithm_is_exercised():
+    for name in FORWARD:
+        assert any(p.id.startswith(name + "-") for p in cases(list(ALL), "float32")), name

@@ -53,11 +53,14 @@ def cmd_info(args):
 
 
 def cmd_bench(args):
-    from . import bench
+    from . import bench, peak
     queue = queue_for(args.device)
+    if args.peak:
+        print(peak.report(peak.measure(queue), device_info(queue.device).name))
+        return 0
     _, ok = bench.main(queue, suite=args.suite, only=args.only, batch=args.batch,
                        repeats=args.repeats, with_torch=not args.no_torch,
-                       backward=args.backward)
+                       backward=args.backward, json_path=args.json)
     return 0 if ok else 1
 
 
@@ -88,6 +91,9 @@ def main(argv=None):
     bench.add_argument("--no-torch", action="store_true", help="skip the torch comparison")
     bench.add_argument("--backward", action="store_true",
                        help="also the input and weight gradients (torch: torch.nn.grad)")
+    bench.add_argument("--peak", action="store_true",
+                       help="only measure the device's float32 FMA peak (the %% of peak column)")
+    bench.add_argument("--json", metavar="FILE", help="also write the raw numbers as JSON")
     bench.set_defaults(func=cmd_bench)
     tune = sub.add_parser("tune", help="tune a layer suite for this device and remember it")
     tune.add_argument("--device", help="device name substring")

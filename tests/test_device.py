@@ -1,4 +1,5 @@
 """Device choice and the `clconv info` / `clconv bench` commands."""
+import json
 import subprocess
 import sys
 
@@ -86,3 +87,26 @@ def test_bench_backward_adds_checked_gradient_rows():
     assert [r[1] for r in rows] == ["forward", "input_grad", "weight_grad"], proc.stdout
     assert all(r[-1] == "ok" for r in rows), proc.stdout
     assert "weight_grad: total" in proc.stdout and "input_grad: total" in proc.stdout
+
+
+def test_bench_peak_reports_the_fma_peak():
+    proc = run_cli("bench", "--peak")
+    assert proc.returncode == 0, proc.stderr
+    first = proc.stdout.splitlines()[0]
+    assert "float32 FMA peak" in first and float(first.split("peak ")[1].split()[0]) > 0
+
+
+def test_bench_json_holds_the_raw_numbers(tmp_path):
+    path = tmp_path / "bench.json"
+    proc = run_cli("bench", "--only", "mbv2_dw3x3_960", "--repeats", "2", "--json", str(path))
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(path.read_text())
+    (row,) = data["rows"]
+    assert row["name"] == "mbv2_dw3x3_960@7_b1" and row["ok"]
+    for key in ("untuned_ms", "ms", "e2e_ms", "gflops", "gbps", "share_of_peak"):
+        assert row[key] > 0, key
+    assert data["peak"]["gflops"] > 0
+    (summary,) = data["summary"]
+    assert summary["operation"] == "forward" and summary["layers"] == 1
+    header = proc.stdout.splitlines()[1]
+    assert all(c in header for c in ("untuned", "tuned ms", "peak", "GB/s", "e2e ms"))

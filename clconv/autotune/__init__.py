@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import contextmanager
 
 from .. import algorithms
 from ..device import device_info, queue_for
@@ -39,6 +40,18 @@ def set_mode(value):
     if value is not None and value not in MODES:
         raise ValueError(f"tuning mode must be one of {MODES} or None, got {value!r}")
     _mode = value       # plans are memoised per mode, so none needs forgetting
+
+
+@contextmanager
+def mode_set_to(value):
+    """A block in which the tuning mode is value (then back to what it was)."""
+    global _mode
+    saved = _mode
+    set_mode(value)
+    try:
+        yield
+    finally:
+        _mode = saved
 
 
 def default_budget():

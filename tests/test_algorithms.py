@@ -70,3 +70,15 @@ def test_float16(forced, name, case_id):
 def test_every_forward_algorithm_is_exercised():
     for name in FORWARD:
         assert any(p.id.startswith(name + "-") for p in cases(list(ALL), "float32")), name
+
+
+def test_heuristic_falls_back_when_the_staged_input_does_not_fit():
+    import dataclasses
+    info = clconv.device_info(clconv.queue_for().device)
+    p = problem_of(ALL["k3_p1_ch13to17"], "float32")
+    assert algorithms.choose(p, info)[0].name == "implicit_gemm"
+    tiny = dataclasses.replace(info, max_mem_alloc_size=64)
+    gemm = algorithms.ALGORITHMS["implicit_gemm"]
+    reason = gemm.constraints(p, tiny, gemm.default_config(p, tiny))
+    assert "largest allocation" in reason
+    assert algorithms.choose(p, tiny)[0].name == "direct"

@@ -18,10 +18,16 @@ def for_operation(operation):
 
 
 def choose(problem, info, operation="forward"):
-    """(algorithm, config) by heuristic: the first algorithm preferred for problem, its
-    default."""
+    """(algorithm, config) by heuristic: the first algorithm preferred for problem whose
+    default configuration is valid on the device, with that default; else the first that
+    applies."""
     for algorithm in for_operation(operation):
         if algorithm.preferred(problem):
+            config = algorithm.default_config(problem, info)
+            if not algorithm.constraints(problem, info, config):
+                return algorithm, config
+    for algorithm in for_operation(operation):
+        if algorithm.applies(problem):
             return algorithm, algorithm.default_config(problem, info)
     raise ValueError(f"no {operation} algorithm applies to {problem}")
 

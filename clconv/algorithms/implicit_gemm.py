@@ -39,6 +39,13 @@ class ImplicitGemm(Algorithm):
             return "needs stride 1 or a 1x1 kernel"
         if config["tv"] not in self.params[1].values:
             return f"tv must be one of {self.params[1].values}"
+        if staged(problem):
+            rows, cols = grid(problem, config)[:2]
+            size = (problem.batch * problem.in_channels * rows * cols
+                    * problem.numpy_dtype.itemsize)
+            if size > info.max_mem_alloc_size:
+                return (f"the staged input ({size} bytes) exceeds the device's largest "
+                        f"allocation ({info.max_mem_alloc_size} bytes)")
         in_registers = config["tk"] * config["tv"] + config["tv"] + 1
         if info.is_cpu and in_registers > CPU_VECTOR_REGISTERS:
             return (f"tk*tv + tv + 1 = {in_registers} vectors exceed the "

@@ -84,12 +84,11 @@ def describe(p):
     return text + f" -> {p.out_channels}"
 
 
-def time_device(problem, queue, operation, operands, out_shape, repeats, mode=None):
-    """Best device time in ms over repeats (profiling events, operands already on the
-    device) under a tuning mode (None: the configured one), and the last run's output."""
+def time_device(problem, queue, operation, inputs, out_shape, repeats, mode=None):
+    """Best device time in ms over repeats (profiling events; inputs: the operands as device
+    arrays) under a tuning mode (None: the configured one), and the last run's output."""
     with autotune.mode_set_to(mode or autotune.mode()):
         launch = planner.plan(problem, queue, operation)
-    inputs = [cl_array.to_device(queue, a) for a in operands]
     y = cl_array.empty(queue, out_shape, problem.numpy_dtype)
     times = [launch.timed(queue, [(a.base_data, 0) for a in inputs], (y.base_data, 0),
                           problem.batch) for _ in range(repeats)]
@@ -148,9 +147,10 @@ def bench_layer(layer, queue, repeats, batch=None, with_torch=True, seed=0,
     check_device_limits(problem, queue.device)
     operands, out_shape, reference = test_case(problem, operation,
                                                np.random.default_rng(seed))
-    untuned_ms, y_untuned = time_device(problem, queue, operation, operands, out_shape,
-                                        repeats, mode="off")
-    ms, y = time_device(problem, queue, operation, operands, out_shape, repeats)
+    inputs = [cl_array.to_device(queue, a) for a in operands]
+    untuned_ms, y_untuned = time_device(problem, queue, operation, inputs, out_shape, repeats,
+                                        mode="off")
+    ms, y = time_device(problem, queue, operation, inputs, out_shape, repeats)
     check = Check(problem, reference, *operands)
     max_error = max(check.error(y_untuned), check.error(y))
     e2e_ms = time_end_to_end(problem, queue, operation, operands, repeats)

@@ -89,6 +89,14 @@ def work_group_problem(local_size, info, kernel_limit=None):
     return None
 
 
+def fitting_work_group(local, info):
+    """local with every dimension halved (never below 1) until the device can run it: the
+    heuristic defaults' work-groups on devices with small limits."""
+    while work_group_problem(local, info) and max(local) > 1:
+        local = tuple(max(1, n // 2) for n in local)
+    return local
+
+
 # The input operands of each operation, in order (the output follows them).
 OPERATIONS = {
     "forward": lambda p, k: ("x", "w") + (("b",) if p.has_bias else ())
@@ -185,11 +193,15 @@ def with_scratch(first, then, scratch_elements, dtype):
     itemsize = 8 if dtype == "float64" else 4       # acc_t: float for half and float
 
     def run(queue, inputs, output, batch, wait_for):
-        scratch = cl.Buffer(queue.context, cl.mem_flags.READ_WRITE,
-                            max(1, scratch_elements(batch)) * itemsize)
+        scratch = scratch_buffer(queue, scratch_elements(batch), itemsize)
         events = first(queue, inputs, (scratch, 0), batch, wait_for)
         return events + [then(queue, batch, scratch, *output, wait_for=events)]
     return run
+
+
+def scratch_buffer(queue, elements, itemsize):
+    """A device buffer for intermediate results between a launch's kernels."""
+    return cl.Buffer(queue.context, cl.mem_flags.READ_WRITE, max(1, elements) * itemsize)
 
 
 def operands(count):

@@ -1,7 +1,7 @@
 """Register-tiled direct convolution: any stride, dilation, padding mode and groups."""
 from __future__ import annotations
 
-from .base import Algorithm, Param, index_type, work_group_problem
+from .base import Algorithm, Param, fitting_work_group, index_type, work_group_problem
 
 # tw is one OpenCL vector. 16-wide vectors crashed PoCL 3.0's LLVM 14 ("Do not know how to
 # scalarize") on an AVX2 target; 3-wide ones crash Oclgrind 21.10's uninitialised-value check.
@@ -53,9 +53,7 @@ class Direct(Algorithm):
             local = (1, 1, 1)
         else:
             tw, tk = min(tw, 4), min(tk, 4)
-            local = (min(16, _pow2_at_most(-(-w_out // tw))), 4, 1)
-            while work_group_problem(local, info):
-                local = (max(1, local[0] // 2), max(1, local[1] // 2), 1)
+            local = fitting_work_group((min(16, _pow2_at_most(-(-w_out // tw))), 4, 1), info)
         return {"tk": tk, "tw": tw, "lx": local[0], "ly": local[1], "lz": local[2], "ukw": 0}
 
     def constants(self, problem, config):

@@ -3,8 +3,8 @@ densely from a staged grid (the padded input, or a 1x1 convolution's strided sam
 from __future__ import annotations
 
 from ..problem import INT32_LIMIT
-from .base import (Algorithm, Param, build_step, index_type, operands, round_up,
-                   work_group_problem)
+from .base import (Algorithm, Param, build_step, fitting_work_group, index_type, operands,
+                   round_up, scratch_buffer, work_group_problem)
 from .direct import VECTOR_WIDTHS, geometry, tile_problem, widest_tw
 
 # On a CPU the micro-kernel's tk * tv accumulator vectors, tv input vectors and one broadcast
@@ -40,9 +40,7 @@ class ImplicitGemm(Algorithm):
         if config["tv"] not in self.params[1].values:
             return f"tv must be one of {self.params[1].values}"
         if staged(problem):
-            rows, cols = grid(problem, config)[:2]
-            size = (problem.batch * problem.in_channels * rows * cols
-                    * problem.numpy_dtype.itemsize)
+            size = staged_elements(problem, config, problem.batch) * problem.numpy_dtype.itemsize
             if size > info.max_mem_alloc_size:
                 return (f"the staged input ({size} bytes) exceeds the device's largest "
                         f"allocation ({info.max_mem_alloc_size} bytes)")
@@ -64,22 +62,20 @@ class ImplicitGemm(Algorithm):
             most_k, local = 6, (1, 1)
         else:
             tw, tv, most_k = min(4, widest_tw(problem)), 1, 4
-            local = (min(32, 1 << (max(1, -(-positions // tw)).bit_length() - 1)), 1)
-            while work_group_problem(local + (1,), info):
-                local = (max(1, local[0] // 2), 1)
+            local = fitting_work_group(
+                (min(32, 1 << (max(1, -(-positions // tw)).bit_length() - 1)), 1), info)
         blocks = -(-problem.cout_per_group // most_k)
         tk = -(-problem.cout_per_group // blocks)
         return {"tk": tk, "tv": tv, "tw": tw, "lx": local[0], "ly": local[1], "ukw": 0}
 
     def constants(self, problem, config):
         rows, cols = grid(problem, config)[:2]
-        staged_size = problem.batch * problem.in_channels * rows * cols
-        idx_t = config.get("idx_t") or ("long" if staged_size > INT32_LIMIT
-                                         else index_type(problem))
-        return dict(geometry(problem, config), idx_t=idx_t, has_bias=problem.has_bias, rows=rows, cols=cols,
-                    tk=config["tk"],
-                    tv=config["tv"], tw=config["tw"], unroll_kw=bool(config.get("ukw", 0)),
-                    activation=None, has_residual=False)
+        idx_t = config.get("idx_t") or (
+            "long" if staged_elements(problem, config, problem.batch) > INT32_LIMIT
+            else index_type(problem))
+        return dict(geometry(problem, config), idx_t=idx_t, has_bias=problem.has_bias,
+                    rows=rows, cols=cols, tk=config["tk"], tv=config["tv"], tw=config["tw"],
+                    unroll_kw=bool(config.get("ukw", 0)), activation=None, has_residual=False)
 
     def ranges(self, problem, config):
         tiles = -(-_positions(problem) // (config["tv"] * config["tw"]))
@@ -95,16 +91,14 @@ class ImplicitGemm(Algorithm):
         stage = build_step(
             queue, "stage.cl.mako", "stage",
             dict(dtype=problem.dtype, idx_t=self.constants(problem, config)["idx_t"],
-                 rows=grid(problem)[0], rows_total=rows, cols=cols, step=step, pad_top=pt, pad_left=pl,
-                 height=problem.height, width=problem.width, channels=problem.in_channels,
-                 padding_mode=problem.padding_mode),
+                 rows=grid(problem)[0], rows_total=rows, cols=cols, step=step, pad_top=pt,
+                 pad_left=pl, height=problem.height, width=problem.width,
+                 channels=problem.in_channels, padding_mode=problem.padding_mode),
             operands(2) + ("int",), lambda batch: (rows, batch * problem.in_channels))
         itemsize = problem.numpy_dtype.itemsize
 
         def run(queue, inputs, output, batch, wait_for):
-            import pyopencl as cl
-            scratch = cl.Buffer(queue.context, cl.mem_flags.READ_WRITE,
-                                max(1, batch * problem.in_channels * rows * cols) * itemsize)
+            scratch = scratch_buffer(queue, staged_elements(problem, config, batch), itemsize)
             first = stage(queue, batch, *inputs[0], scratch, 0, batch, wait_for=wait_for)
             return [first] + main(queue, [(scratch, 0)] + list(inputs[1:]), output, batch,
                                   [first])
@@ -127,6 +121,12 @@ def grid(problem, config=None):
         farthest = round_up(_positions(problem), tile) + (kh - 1) * dh * cols + (kw - 1) * dw
         rows = max(rows, -(-farthest // cols))
     return rows, cols, step
+
+
+def staged_elements(problem, config, batch):
+    """Elements of the staged input of batch images."""
+    rows, cols = grid(problem, config)[:2]
+    return batch * problem.in_channels * rows * cols
 
 
 def staged(problem):

@@ -1,8 +1,8 @@
 """The weight gradient: a split reduction over batch * output rows, vectorised along rows."""
 from __future__ import annotations
 
-from .base import (Algorithm, Param, build_step, index_type, operands, with_scratch,
-                   work_group_problem)
+from .base import (Algorithm, Param, build_step, fitting_work_group, index_type, operands,
+                   with_scratch, work_group_problem)
 from .direct import VECTOR_WIDTHS, geometry, tile_problem, widest_tw
 
 SPLITS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -41,9 +41,7 @@ class WeightGrad(Algorithm):
         splits = 1
         while splits < SPLITS[-1] and outputs * splits < want and rows >= 16 * splits:
             splits *= 2
-        local = (1, 1) if info.is_cpu else (min(64, outputs), 1)
-        while work_group_problem(local + (1,), info):
-            local = (max(1, local[0] // 2), 1)
+        local = (1, 1) if info.is_cpu else fitting_work_group((min(64, outputs), 1), info)
         return {"tk": tk, "tw": tw, "splits": splits, "lx": local[0], "ly": local[1]}
 
     def constants(self, problem, config):

@@ -1,13 +1,13 @@
 ## Implicit GEMM: output (channels x pixels) = weights (channels x cin*KH*KW) times the input
 ## windows, never materialised (no im2col).
 ##
-## The input is read on a grid of `cols` columns where every kernel tap of a stride-1,
-## unpadded convolution is a constant offset: the staged input (padding applied, or a 1x1
-## convolution's stride; its zero rows at the end let every tile read densely), or the input
-## itself when there is nothing to stage (then the last tiles read lane by lane). Output pixel
-## (oh, ow) sits at grid position p = oh * cols + ow, so a run of consecutive p is one dense
-## vector load per tap; positions with ow >= w_out (the grid's extra columns) are computed
-## and dropped. One work-item computes tk output channels x tv vectors of tw positions: the
+## The input is read on a grid of `cols` columns where every kernel tap is a constant offset:
+## the staged input (padding applied; a stride split into phases, one plane per phase, each
+## tap reading one phase as in a stride-1 convolution; zero rows at the end of each plane let
+## every tile read densely), or the input itself when there is nothing to stage (then the last
+## tiles read lane by lane). Output pixel (oh, ow) sits at grid position p = oh * cols + ow, so
+## a run of consecutive p is one dense vector load per tap; positions with ow >= w_out (the
+## grid's extra columns) are computed and dropped. One work-item computes tk output channels x tv vectors of tw positions: the
 ## register tile of a CPU GEMM micro-kernel (tw-wide FMAs, one weight broadcast per channel).
 ##
 ## Global range: (position tiles, groups * channel blocks, batch), rounded up to the
@@ -16,26 +16,45 @@
 <%
     KH, KW = kernel_size
     DH, DW = dilation
+    SH, SW = stride
+    NPH, NPW = phases
     KHW = KH * KW
     T = tv * tw                                 # grid positions per work-item
-    plane = rows * cols                         # one channel of the read grid
+    plane = rows * cols                         # one phase plane of the read grid
     ends = (h_out - 1) * cols + w_out           # grid positions up to the last output
     tiles = -(-ends // T)
     k_blocks = -(-cout_g // tk)
     ragged_k = cout_g % tk != 0
-    reach = (KH - 1) * DH * cols + (KW - 1) * DW  # the farthest tap from a position
+    reach = (KH - 1) * DH // SH * cols + (KW - 1) * DW // SW   # the farthest tap's offset
+    # A tap's offset: its phase plane, then its place in that plane. Even steps (no phases)
+    # are a product in the kernel, else a table (run-time % and / by the stride compile to an
+    # instruction Oclgrind cannot check).
+    tap_rows = [(kh * DH % SH * NPW) * plane + kh * DH // SH * cols for kh in range(KH)]
+    tap_cols = [(kw * DW % SW) * plane + kw * DW // SW for kw in range(KW)]
+
+    def tap_term(name, table, var):
+        step = table[1] if len(table) > 1 else 0
+        return '%s * %d' % (var, step) if table == [i * step for i in range(len(table))] \
+            else '%s[%s]' % (name, var)
+    row_term = tap_term('tap_rows', tap_rows, 'kh')
+    col_term = tap_term('tap_cols', tap_cols, 'kw')
     dense_out = cols == w_out                   # grid positions are output positions
     accv = acc_t + (str(tw) if tw > 1 else '')
 %>\
 ${c.header(storage_t, acc_t)}
 typedef ${idx_t} idx_t;
+% for name, table, term in (('tap_rows', tap_rows, row_term), ('tap_cols', tap_cols, col_term)):
+% if term.startswith(name):
+__constant int ${name}[${len(table)}] = {${', '.join(map(str, table))}};
+% endif
+% endfor
 
 ## The tw grid values of vector v under the tap at offset off, in the fast path (all inside
 ## the plane) or lane by lane, clamped into the plane (the last tiles: clamped lanes are
 ## never stored).
 <%def name="taps(inside)">
     for (int ci = 0; ci < ${cin_g}; ++ci) {
-        __global const ${storage_t} *xc = xg + (idx_t)ci * ${plane};
+        __global const ${storage_t} *xc = xg + (idx_t)ci * ${NPH * NPW * plane};
 % for t in range(tk):
         __global const ${storage_t} *w${t} = w + wrow${t} + ci * ${KHW};
 % endfor
@@ -45,7 +64,7 @@ typedef ${idx_t} idx_t;
             #pragma unroll
 % endif
             for (int kw = 0; kw < ${KW}; ++kw) {
-                const int off = p0 + kh * ${DH * cols} + kw * ${DW};
+                const int off = p0 + ${row_term} + ${col_term};
 % for v in range(tv):
 % if inside:
                 const ${accv} x${v} = ${c.load_vec(storage_t, tw, 'xc', 'off + %d' % (v * tw))};
@@ -84,7 +103,7 @@ __kernel void implicit_gemm(
     const int g = kb / ${k_blocks};
     const int k0 = (kb - g * ${k_blocks}) * ${tk};
     const int p0 = tile * ${T};
-    __global const ${storage_t} *xg = x + x_off + ((idx_t)n * ${cin} + g * ${cin_g}) * ${plane};
+    __global const ${storage_t} *xg = x + x_off + ((idx_t)n * ${cin} + g * ${cin_g}) * ${NPH * NPW * plane};
 % for t in range(tk):
 % if ragged_k:
     const idx_t wrow${t} = w_off + (idx_t)(g * ${cout_g} + min(k0 + ${t}, ${cout_g - 1})) * ${cin_g * KHW};

@@ -1,15 +1,18 @@
 ## Stage the input for the implicit GEMM: copy it onto the grid that GEMM reads densely.
 ##
-## xs[n][c][i][j] = the value torch's padding mode gives at padded input position
-## (i * sh - pt, j * sw - pl): for a stride-1 convolution the whole padded plane (sh = sw = 1),
-## for a 1x1 convolution with a stride only the positions it reads (the stride is applied
-## here, once, instead of in every GEMM step). Values travel through acc_t, which is exact.
+## Along each dimension the padded input splits into `phases` (the stride's, or just phase 0
+## when every tap reads it): xs[n][c][a][b][i][j] = the value torch's padding mode gives at
+## padded input position (i * sh + a, j * sw + b), input position (i * sh + a - pt,
+## j * sw + b - pl). At stride 1 that is the padded plane itself; for a 1x1 convolution with a
+## stride only the positions it reads. Values travel through acc_t, which is exact.
 ##
-## Rows from `rows` to `rows_total` are zeros: slack that lets the GEMM's last tiles read
-## whole vectors. Global range: (rows_total, batch * channels); a work-item writes one row.
+## Rows from `rows` to `rows_total` of each phase are zeros: slack that lets the GEMM's last
+## tiles read whole vectors. Global range: (row phases * rows_total, batch * channels); a
+## work-item writes one row of every column phase.
 <%namespace name="c" file="common.cl.mako"/>\
 <%
-    SH, SW = step
+    SH, SW = stride
+    NPH, NPW = phases
     PT, PL = pad_top, pad_left
 %>\
 ${c.header(storage_t, acc_t)}
@@ -18,29 +21,34 @@ typedef ${idx_t} idx_t;
 __kernel void stage(__global const ${storage_t} * restrict x, const idx_t x_off,
                     __global ${storage_t} * restrict xs, const idx_t xs_off, const int batch)
 {
-    const int i = get_global_id(0);
+    const int r = get_global_id(0);
     const int nc = get_global_id(1);
-    if (i >= ${rows_total} || nc >= batch * ${channels})
+    if (r >= ${NPH * rows_total} || nc >= batch * ${channels})
         return;
+    const int a = r / ${rows_total};
+    const int i = r - a * ${rows_total};
     __global const ${storage_t} *xp = x + x_off + (idx_t)nc * ${height * width};
-    __global ${storage_t} *out = xs + xs_off + ((idx_t)nc * ${rows_total} + i) * ${cols};
-    const int ihp = i * ${SH} - ${PT};
-    if (i >= ${rows}${' || (uint)ihp >= %du' % height if padding_mode == 'zeros' else ''}) {
-        for (int j = 0; j < ${cols}; ++j)
-            STORE((${acc_t})0, out, j);
-        return;
-    }
+    for (int b = 0; b < ${NPW}; ++b) {
+        __global ${storage_t} *out = xs + xs_off
+            + (((idx_t)nc * ${NPH} + a) * ${NPW} + b) * ${rows_total * cols} + i * ${cols};
+        const int ihp = i * ${SH} + a - ${PT};
+        if (i >= ${rows}${' || (uint)ihp >= %du' % height if padding_mode == 'zeros' else ''}) {
+            for (int j = 0; j < ${cols}; ++j)
+                STORE((${acc_t})0, out, j);
+            continue;
+        }
 % if padding_mode == 'zeros':
-    __global const ${storage_t} *xr = xp + ihp * ${width};
-    for (int j = 0; j < ${cols}; ++j) {
-        const int iw = j * ${SW} - ${PL};
-        STORE((uint)iw < ${width}u ? LOAD(xr, iw) : (${acc_t})0, out, j);
-    }
+        __global const ${storage_t} *xr = xp + ihp * ${width};
+        for (int j = 0; j < ${cols}; ++j) {
+            const int iw = j * ${SW} + b - ${PL};
+            STORE((uint)iw < ${width}u ? LOAD(xr, iw) : (${acc_t})0, out, j);
+        }
 % else:
-    __global const ${storage_t} *xr = xp + ${c.padded_index(padding_mode, 'ihp', height)} * ${width};
-    for (int j = 0; j < ${cols}; ++j) {
-        const int iwp = j * ${SW} - ${PL};
-        STORE(LOAD(xr, ${c.padded_index(padding_mode, 'iwp', width)}), out, j);
-    }
+        __global const ${storage_t} *xr = xp + ${c.padded_index(padding_mode, 'ihp', height)} * ${width};
+        for (int j = 0; j < ${cols}; ++j) {
+            const int iwp = j * ${SW} + b - ${PL};
+            STORE(LOAD(xr, ${c.padded_index(padding_mode, 'iwp', width)}), out, j);
+        }
 % endif
+    }
 }

@@ -107,6 +107,7 @@ def variants():
             yield (f"{prefix}{dtype}-tw1", op, (1, 2, 4, 4), (2, 2, 3, 3), False,
                    dict(stride=2), dtype, TILES[op](2, 1))
     yield from gemm_variants()
+    yield from depthwise_variants()
     # The weight gradient's split reduction (partial sums, then sum_splits), ragged columns.
     for dtype in ("float16", "float32", "float64"):
         yield (f"weight_grad-splits-{dtype}", "weight_grad", (3, 2, 5, 9), (4, 2, 3, 3), False,
@@ -121,8 +122,8 @@ def variants():
 
 
 def gemm_variants():
-    """The implicit GEMM forward: staged grids under every padding mode (and a strided 1x1's
-    sampled grid), unstaged inputs whose last tiles read lane by lane, dense and gapped
+    """The implicit GEMM forward: staged grids under every padding mode (a strided 1x1's
+    sampled grid, strided kernels' phase planes), unstaged inputs whose last tiles read lane by lane, dense and gapped
     output grids, every vector width, dtypes and the epilogue."""
     def gemm(tk, tv, tw, **extra):
         return dict(algorithm="implicit_gemm", tk=tk, tv=tv, tw=tw) | extra
@@ -138,6 +139,16 @@ def gemm_variants():
            gemm(2, 4, 2))
     yield ("gemm-1x1-stride2-padded", "forward", (2, 5, 7, 9), (3, 5, 1, 1), False,
            dict(stride=2, padding=1, padding_mode="reflect"), "float32", gemm(3, 1, 4))
+    # Strided kernels read phase planes: both dimensions split, one split (the dilation a
+    # multiple of the stride along rows), a stem-like 7x7 at stride 2 with ragged channels.
+    for mode in ("zeros", "reflect"):
+        yield (f"gemm-{mode}-s2-phases", "forward", (2, 3, 9, 11), (5, 3, 3, 3), True,
+               dict(stride=2, padding=1, padding_mode=mode), "float32", gemm(3, 2, 4))
+    yield ("gemm-s2x3-d2x1-phases", "forward", (1, 4, 11, 13), (4, 2, 3, 4), False,
+           dict(stride=(2, 3), dilation=(2, 1), padding=(2, 1), groups=2,
+                padding_mode="circular"), "float32", gemm(2, 1, 8))
+    yield ("gemm-stem-7x7-s2", "forward", (1, 3, 15, 17), (5, 3, 7, 7), True,
+           dict(stride=2, padding=3), "float32", gemm(4, 2, 4))
     yield ("gemm-depthwise-mult2", "forward", (1, 3, 7, 7), (6, 1, 3, 3), True,
            dict(padding=1, groups=3), "float32", gemm(2, 3, 4, ukw=1))
     yield ("gemm-long-index", "forward", (1, 2, 5, 6), (3, 2, 3, 3), True, dict(padding=1),
@@ -151,6 +162,43 @@ def gemm_variants():
         for dtype, kwargs in (("float32", dict(padding=1)), ("float16", {})):
             yield (f"gemm-epilogue-{activation}-{dtype}", "forward", (2, 3, 5, 7), (5, 3, 3, 3),
                    True, kwargs, dtype, gemm(3, 1, 4, activation=activation, residual=True))
+
+
+def depthwise_variants():
+    """The depthwise kernel: every padding mode on border tiles (columns unrolled as
+    constants), ragged row blocks and rows, channel multipliers, stride 2's paired vector
+    loads, other strides' lane loads, borders too wide to unroll (lanes chosen at run time),
+    rows with no inside tile, every vector width, dtypes, the epilogue and long indices."""
+    def dw(tw, rows, **extra):
+        return dict(algorithm="depthwise", tw=tw, rows=rows) | extra
+    for mode in ("zeros", "reflect", "replicate", "circular"):
+        yield (f"dw-{mode}-mult2", "forward", (1, 3, 7, 13), (6, 1, 3, 3), True,
+               dict(padding=1, groups=3, padding_mode=mode), "float32", dw(4, 2))
+        yield (f"dw-{mode}-runtime-border", "forward", (1, 2, 5, 10), (2, 1, 3, 9), False,
+               dict(padding=(1, 4), groups=2, padding_mode=mode), "float32", dw(1, 4))
+    yield ("dw-s2-paired-loads", "forward", (2, 2, 9, 37), (2, 1, 3, 3), True,
+           dict(stride=2, padding=1, groups=2), "float32", dw(4, 2))
+    yield ("dw-s3-d2-lane-loads", "forward", (1, 3, 11, 29), (3, 1, 3, 3), False,
+           dict(stride=3, dilation=2, padding=2, groups=3, padding_mode="reflect"), "float32",
+           dw(2, 1))
+    yield ("dw-tw8-no-inside-tile", "forward", (1, 2, 3, 5), (2, 1, 3, 3), True,
+           dict(padding=1, groups=2), "float32", dw(8, 8))
+    yield ("dw-tw8-wide", "forward", (1, 2, 4, 40), (4, 1, 3, 3), True,
+           dict(padding=1, groups=2, padding_mode="circular"), "float32", dw(8, 2))
+    yield ("dw-cin1-groups1", "forward", (2, 1, 6, 11), (3, 1, 3, 3), True, dict(padding=1),
+           "float32", dw(4, 4))
+    yield ("dw-long-index", "forward", (1, 2, 5, 9), (2, 1, 3, 3), True,
+           dict(padding=1, groups=2), "float32", dw(4, 2, idx_t="long"))
+    for dtype in ("float16", "float64"):
+        for stride in (1, 2):
+            yield (f"dw-{dtype}-s{stride}", "forward", (1, 3, 7, 21), (3, 1, 3, 3), True,
+                   dict(stride=stride, padding=1, groups=3, padding_mode="replicate"), dtype,
+                   dw(4, 2))
+    for activation in list(ACTIVATIONS)[1:]:
+        for dtype in ("float32", "float16"):
+            yield (f"dw-epilogue-{activation}-{dtype}", "forward", (2, 3, 5, 11), (3, 1, 3, 3),
+                   True, dict(padding=1, groups=3), dtype,
+                   dw(4, 2, activation=activation, residual=True))
 
 
 # Tile parameters per operation: (channels per work-item, vector width) -> config.

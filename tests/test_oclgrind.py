@@ -53,6 +53,8 @@ def switches(name, operation, x_shape, w_shape, with_bias, kwargs, dtype, config
                         args["dilation"], args["groups"], args["padding_mode"])
     if config.get("algorithm") == "implicit_gemm":
         return gemm_switches(p, dtype, with_bias, config)
+    if config.get("algorithm") == "depthwise":
+        return depthwise_switches(p, dtype, with_bias, config)
     channels = config.get("tk", config.get("tc"))
     per_group = p.cin_per_group if operation == "input_grad" else p.cout_per_group
     width = {"forward": p.out_width, "input_grad": p.width + sum(p.pad[2:]),
@@ -74,11 +76,12 @@ def switches(name, operation, x_shape, w_shape, with_bias, kwargs, dtype, config
 
 def gemm_switches(p, dtype, with_bias, config):
     """The implicit GEMM's compile-time branches that one variant takes."""
-    from clconv.algorithms.implicit_gemm import grid, staged
-    rows, cols, _ = grid(p, config)
+    from clconv.algorithms.implicit_gemm import grid, phases, staged
+    rows, cols = grid(p, config)
     tile = config["tv"] * config["tw"]
     positions = (p.out_height - 1) * cols + p.out_width
-    reach = (p.kernel_size[0] - 1) * p.dilation[0] * cols + (p.kernel_size[1] - 1) * p.dilation[1]
+    reach = ((p.kernel_size[0] - 1) * p.dilation[0] // p.stride[0] * cols
+             + (p.kernel_size[1] - 1) * p.dilation[1] // p.stride[1])
     found = {("mode", p.padding_mode), ("dtype", dtype), ("tw", config["tw"]),
              ("tv", config["tv"]), ("bias", with_bias), ("ukw", config.get("ukw", 0)),
              ("activation", config.get("activation")),
@@ -86,8 +89,30 @@ def gemm_switches(p, dtype, with_bias, config):
              ("ragged_channels", p.cout_per_group % config["tk"] != 0),
              ("staged", staged(p)), ("dense_out", cols == p.out_width),
              ("lane_loads", -(-positions // tile) * tile - 1 + reach >= rows * cols),
+             ("phases", "several" if phases(p) != (1, 1) else "one"),
+             ("strided", p.stride != (1, 1)),
              ("idx", config.get("idx_t", "int"))}
     return {("implicit_gemm",) + s for s in found}
+
+
+def depthwise_switches(p, dtype, with_bias, config):
+    """The depthwise kernel's compile-time branches that one variant takes."""
+    tw, sw = config["tw"], p.stride[1]
+    even_loads = sw == 2 and tw > 1
+    span = (p.kernel_size[1] - 1) * p.dilation[1] + (2 * tw if even_loads else (tw - 1) * sw + 1)
+    tiles = -(-p.out_width // tw)
+    inside = [t for t in range(tiles) if 0 <= t * tw * sw - p.pad[2]
+              and t * tw * sw - p.pad[2] + span <= p.width and (t + 1) * tw <= p.out_width]
+    found = {("mode", p.padding_mode), ("dtype", dtype), ("tw", tw), ("bias", with_bias),
+             ("activation", config.get("activation")),
+             ("residual", config.get("residual", False)),
+             ("loads", "paired" if even_loads else "vector" if sw == 1 else "lanes"),
+             ("inside_tiles", bool(inside)),
+             ("static_border", (tiles - len(inside)) * p.kernel_size[1] <= 64),
+             ("ragged_rows", p.out_height % config["rows"] != 0),
+             ("ragged_width", p.out_width % tw != 0),
+             ("multiplier", p.cout_per_group > 1), ("idx", config.get("idx_t", "int"))}
+    return {("depthwise",) + s for s in found}
 
 
 def test_variants_cover_every_template_branch():
@@ -114,8 +139,19 @@ def test_variants_cover_every_template_branch():
         | {("tw", t) for t in gemm["tw"]} | {("tv", t) for t in gemm["tv"]}
         | {("ukw", u) for u in gemm["ukw"]}
         | {("activation", a) for a in oclgrind_variants.ACTIVATIONS}
+        | {("phases", k) for k in ("one", "several")}
         | {(k, v) for k in ("bias", "residual", "ragged_channels", "staged", "dense_out",
-                            "lane_loads") for v in (True, False)}
+                            "lane_loads", "strided") for v in (True, False)}
+        | {("idx", "int"), ("idx", "long")})}
+    depthwise = {p.name: p.values for p in ALGORITHMS["depthwise"].params}
+    wanted |= {("depthwise",) + s for s in (
+        {("mode", m) for m in ("zeros", "reflect", "replicate", "circular")}
+        | {("dtype", d) for d in ("float16", "float32", "float64")}
+        | {("tw", t) for t in depthwise["tw"]}
+        | {("loads", k) for k in ("vector", "paired", "lanes")}
+        | {("activation", a) for a in oclgrind_variants.ACTIVATIONS}
+        | {(k, v) for k in ("bias", "residual", "inside_tiles", "static_border", "ragged_rows",
+                            "ragged_width", "multiplier") for v in (True, False)}
         | {("idx", "int"), ("idx", "long")})}
     assert wanted <= covered, f"not covered under Oclgrind: {sorted(wanted - covered)}"
     names = oclgrind_variants.all_names()

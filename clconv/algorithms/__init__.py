@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 from .base import OPERATIONS, Algorithm, Launch, Param
+from .depthwise import Depthwise
 from .direct import Direct
 from .implicit_gemm import ImplicitGemm
 from .input_grad import InputGrad
 from .weight_grad import WeightGrad
 
-ALGORITHMS = {a.name: a for a in (ImplicitGemm(), Direct(), InputGrad(), WeightGrad())}
+ALGORITHMS = {a.name: a for a in (Depthwise(), ImplicitGemm(), Direct(), InputGrad(),
+                                  WeightGrad())}
 
 
 def for_operation(operation):

@@ -70,6 +70,17 @@ def round_up(n, multiple):
     return -(-n // multiple) * multiple
 
 
+def even_split(channels, most):
+    """Channels per block when channels are spread evenly over blocks of at most most."""
+    blocks = -(-channels // most)
+    return -(-channels // blocks)
+
+
+def pow2_at_most(n):
+    """The largest power of two <= n (1 for n < 2)."""
+    return 1 << (max(1, n).bit_length() - 1)
+
+
 def index_type(problem):
     """'int' when every flat index fits in 32 bits, else 'long'."""
     largest = max(math.prod(problem.input_shape), math.prod(problem.output_shape),

@@ -1,7 +1,8 @@
 """Register-tiled direct convolution: any stride, dilation, padding mode and groups."""
 from __future__ import annotations
 
-from .base import Algorithm, Param, fitting_work_group, index_type, work_group_problem
+from .base import (Algorithm, Param, even_split, fitting_work_group, index_type, pow2_at_most,
+                   work_group_problem)
 
 # tw is one OpenCL vector. 16-wide vectors crashed PoCL 3.0's LLVM 14 ("Do not know how to
 # scalarize") on an AVX2 target; 3-wide ones crash Oclgrind 21.10's uninitialised-value check.
@@ -45,15 +46,13 @@ class Direct(Algorithm):
         tw = 4 if 8 < w_out < 28 else 8 if w_out >= 6 else 4 if w_out >= 3 else w_out
         tw = min(tw, widest_tw(problem))
         most_k = 16 if w_out < 28 else 8
-        # Spread the group's channels evenly over blocks of at most most_k.
-        blocks = -(-cout_g // most_k)
-        tk = -(-cout_g // blocks)
+        tk = even_split(cout_g, most_k)
         if info.is_cpu:
             # A work-group runs on one core; independent work-items are enough.
             local = (1, 1, 1)
         else:
             tw, tk = min(tw, 4), min(tk, 4)
-            local = fitting_work_group((min(16, _pow2_at_most(-(-w_out // tw))), 4, 1), info)
+            local = fitting_work_group((min(16, pow2_at_most(-(-w_out // tw))), 4, 1), info)
         return {"tk": tk, "tw": tw, "lx": local[0], "ly": local[1], "lz": local[2], "ukw": 0}
 
     def constants(self, problem, config):
@@ -101,10 +100,3 @@ def widest_tw(problem):
     """The widest row vector whose arithmetic (acc_t) type fits in MAX_VECTOR_BYTES."""
     acc_bytes = 8 if problem.dtype == "float64" else 4
     return MAX_VECTOR_BYTES // acc_bytes
-
-
-def _pow2_at_most(n):
-    p = 1
-    while p * 2 <= n:
-        p *= 2
-    return p

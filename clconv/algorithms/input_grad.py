@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from .base import (Algorithm, Param, build_step, fitting_work_group, index_type, operands,
-                   with_scratch, work_group_problem)
+from .base import (Algorithm, Param, build_step, even_split, fitting_work_group, index_type,
+                   operands, with_scratch, work_group_problem)
 from .direct import VECTOR_WIDTHS, geometry, tile_problem, widest_tw, work_group_params
 
 
@@ -27,8 +27,7 @@ class InputGrad(Algorithm):
     def default_config(self, problem, info):
         cols = _target(problem)[1]
         tw = min(8 if cols >= 8 else 4 if cols >= 4 else 1, widest_tw(problem))
-        blocks = -(-problem.cin_per_group // 8)
-        tc = -(-problem.cin_per_group // blocks)
+        tc = even_split(problem.cin_per_group, 8)
         local = (1, 1, 1) if info.is_cpu else fitting_work_group((min(16, -(-cols // tw)), 4, 1),
                                                                  info)
         return {"tc": tc, "tw": tw, "lx": local[0], "ly": local[1], "lz": local[2]}

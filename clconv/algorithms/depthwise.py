@@ -3,7 +3,7 @@ rows per work-item, judged by GB/s since it is memory-bound."""
 from __future__ import annotations
 
 from .base import Algorithm, Param, fitting_work_group, pow2_at_most, work_group_problem
-from .direct import VECTOR_WIDTHS, geometry, widest_tw
+from .direct import VECTOR_WIDTHS, geometry, vector_width_problem, widest_tw
 
 
 class Depthwise(Algorithm):
@@ -23,9 +23,9 @@ class Depthwise(Algorithm):
     def constraints(self, problem, info, config):
         if not self.applies(problem):
             return "needs one input channel per group"
-        if config["tw"] not in VECTOR_WIDTHS or config["tw"] > widest_tw(problem):
-            return (f"tw must be one of {VECTOR_WIDTHS} and <= {widest_tw(problem)} for "
-                    f"{problem.dtype}")
+        reason = vector_width_problem(problem, config["tw"])
+        if reason:
+            return reason
         if config["rows"] not in self.params[1].values:
             return f"rows must be one of {self.params[1].values}"
         return work_group_problem((config["lx"], config["ly"], 1), info)

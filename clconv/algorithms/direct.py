@@ -71,8 +71,9 @@ def tile_problem(problem, config, channels, most, what):
     """Why a register tile of config[channels] channels x tv (default 1) tw-wide vectors is
     invalid for problem (or None): vector widths compilers handle, and the accumulator bound."""
     tw = config["tw"]
-    if tw not in VECTOR_WIDTHS or tw > widest_tw(problem):
-        return f"tw must be one of {VECTOR_WIDTHS} and <= {widest_tw(problem)} for {problem.dtype}"
+    reason = vector_width_problem(problem, tw)
+    if reason:
+        return reason
     if not 1 <= config[channels] <= most:
         return f"{channels} must be between 1 and {what}"
     scalars = config[channels] * config.get("tv", 1) * tw * (2 if problem.dtype == "float64"
@@ -80,6 +81,14 @@ def tile_problem(problem, config, channels, most, what):
     if scalars > MAX_ACCUMULATORS:
         return (f"{channels}*tv*tw accumulators ({scalars} scalar registers) exceed "
                 f"{MAX_ACCUMULATORS}")
+    return None
+
+
+def vector_width_problem(problem, tw):
+    """Why tw-wide row vectors are invalid for problem (or None): the widths compilers handle,
+    within MAX_VECTOR_BYTES of acc_t."""
+    if tw not in VECTOR_WIDTHS or tw > widest_tw(problem):
+        return f"tw must be one of {VECTOR_WIDTHS} and <= {widest_tw(problem)} for {problem.dtype}"
     return None
 
 

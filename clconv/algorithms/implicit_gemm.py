@@ -32,7 +32,7 @@ class ImplicitGemm(Algorithm):
 
     def preferred(self, problem):
         # One input channel per group (depthwise) leaves one FMA per loaded input vector
-        # and channel: the direct kernel, with no staging pass, was faster there.
+        # and channel: the depthwise kernel, with no staging pass, is faster there.
         return problem.cin_per_group > 1
 
     def constraints(self, problem, info, config):
@@ -63,9 +63,7 @@ class ImplicitGemm(Algorithm):
             # inputs in the core's caches and is one PoCL work-group launch instead of
             # several (measured: 1.2-3x over single work-items); 8 once an image's grid is
             # far beyond L2 (vgg's 64 x 226 x 226: 172 against 145 GFLOP/s).
-            rows, cols = grid(problem)
-            image_bytes = (problem.in_channels * math.prod(phases(problem)) * rows * cols
-                           * problem.numpy_dtype.itemsize)
+            image_bytes = staged_elements(problem, None, 1) * problem.numpy_dtype.itemsize
             most_ly = 8 if image_bytes > LARGE_IMAGE_BYTES else 4
             blocks = problem.groups * -(-problem.cout_per_group // tk)
             local = (1, min(most_ly, pow2_at_most(blocks)))
@@ -82,8 +80,9 @@ class ImplicitGemm(Algorithm):
             "long" if staged_elements(problem, config, problem.batch) > INT32_LIMIT
             else index_type(problem))
         return dict(geometry(problem, config), idx_t=idx_t, has_bias=problem.has_bias,
-                    rows=rows, cols=cols, phases=phases(problem), tk=config["tk"], tv=config["tv"], tw=config["tw"],
-                    unroll_kw=bool(config.get("ukw", 0)), activation=None, has_residual=False)
+                    rows=rows, cols=cols, phases=phases(problem), tk=config["tk"],
+                    tv=config["tv"], tw=config["tw"], unroll_kw=bool(config.get("ukw", 0)),
+                    activation=None, has_residual=False)
 
     def ranges(self, problem, config):
         tiles = -(-_positions(problem) // (config["tv"] * config["tw"]))
@@ -147,7 +146,7 @@ def grid(problem, config=None):
 
 
 def staged_elements(problem, config, batch):
-    """Elements of the staged input of batch images."""
+    """Elements of the staged input of batch images (config None: without the slack rows)."""
     rows, cols = grid(problem, config)
     return batch * problem.in_channels * math.prod(phases(problem)) * rows * cols
 

@@ -59,6 +59,16 @@ clamp(${i}, 0, ${size - 1})\
 % endif
 </%def>
 
+## The value that element col (an expression) of row p stands for under the padding mode: 0
+## outside the row for 'zeros' (the clamped load stays in bounds), else the mapped element.
+<%def name="padded_load(mode, acc_t, p, col, size)">\
+% if mode == 'zeros':
+((uint)(${col}) < ${size}u ? LOAD(${p}, clamp(${col}, 0, ${size - 1})) : (${acc_t})0)\
+% else:
+LOAD(${p}, ${padded_index(mode, col, size)})\
+% endif
+</%def>
+
 ## Lane j of an n-wide vector variable (the variable itself when n == 1).
 <%def name="lane(v, n, j)">\
 ${v}${'' if n == 1 else '.s' + '0123456789abcdef'[j]}\

@@ -59,14 +59,6 @@ ${c.load_vec(storage_t, tw, 'xr', 'iw0 + kw * %d' % DW)}\
 % endif
 </%def>
 
-<%def name="border_lane(j)">\
-% if padding_mode == 'zeros':
-((uint)(iwk + ${j * SW}) < ${width}u ? LOAD(xr, clamp(iwk + ${j * SW}, 0, ${width - 1})) : (${acc_t})0)\
-% else:
-LOAD(xr, ${c.padded_index(padding_mode, 'iwk + %d' % (j * SW), width)})\
-% endif
-</%def>
-
 ## Tile t's input vector under tap column kw, every lane's column a constant.
 <%def name="static_load(t, kw)">\
 (${accv})(${', '.join('(%s)0' % acc_t if col is None else 'LOAD(xr, %d)' % col for col in (source_column(t, kw, j) for j in range(tw)))})\
@@ -102,7 +94,7 @@ LOAD(xr, ${c.padded_index(padding_mode, 'iwk + %d' % (j * SW), width)})\
                     const ${accv} xv = ${inside_load()};
 % else:
                     const int iwk = iw0 + kw * ${DW};
-                    const ${accv} xv = (${accv})(${', '.join(capture(border_lane, j) for j in range(tw))});
+                    const ${accv} xv = (${accv})(${', '.join(capture(c.padded_load, padding_mode, acc_t, 'xr', 'iwk + %d' % (j * SW), width) for j in range(tw))});
 % endif
                     acc += LOAD(wc, kh * ${KW} + kw) * xv;
                 }

@@ -43,15 +43,6 @@ ${c.load_vec(storage_t, tw, 'xr', 'iw0 + kw * %d' % DW)}\
 % endif
 </%def>
 
-## Lane j's value at a tile on the border: the padding mode decides what is read.
-<%def name="border_lane(j)">\
-% if padding_mode == 'zeros':
-((uint)(iwk + ${j * SW}) < ${width}u ? LOAD(xr, clamp(iwk + ${j * SW}, 0, ${width - 1})) : (${acc_t})0)\
-% else:
-LOAD(xr, ${c.padded_index(padding_mode, 'iwk + %d' % (j * SW), width)})\
-% endif
-</%def>
-
 <%def name="accumulate(interior)">
     for (int ci = 0; ci < ${cin_g}; ++ci) {
         __global const ${storage_t} *xc = xg + (idx_t)ci * ${height * width};
@@ -70,7 +61,7 @@ ${row_index('kh')}\
                 const ${accv} xv = ${interior_load()};
 % else:
                 const int iwk = iw0 + kw * ${DW};
-                const ${accv} xv = (${accv})(${', '.join(capture(border_lane, j) for j in range(tw))});
+                const ${accv} xv = (${accv})(${', '.join(capture(c.padded_load, padding_mode, acc_t, 'xr', 'iwk + %d' % (j * SW), width) for j in range(tw))});
 % endif
 % for t in range(tk):
                 acc${t} += LOAD(w${t}, kh * ${KW} + kw) * xv;

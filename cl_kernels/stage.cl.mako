@@ -14,6 +14,13 @@
     SH, SW = stride
     NPH, NPW = phases
     PT, PL = pad_top, pad_left
+
+    def inside(b):
+        """The columns j of column phase b whose input column j * SW + b - PL is inside the
+        input: [first, end)."""
+        first = max(0, -(-(PL - b) // SW))
+        end = min(cols, max(first, (width - 1 + PL - b) // SW + 1))
+        return first, end
 %>\
 ${c.header(storage_t, acc_t)}
 typedef ${idx_t} idx_t;
@@ -28,27 +35,40 @@ __kernel void stage(__global const ${storage_t} * restrict x, const idx_t x_off,
     const int a = r / ${rows_total};
     const int i = r - a * ${rows_total};
     __global const ${storage_t} *xp = x + x_off + (idx_t)nc * ${height * width};
-    for (int b = 0; b < ${NPW}; ++b) {
+    const int ihp = i * ${SH} + a - ${PT};
+    const bool zero_row = i >= ${rows}${' || (uint)ihp >= %du' % height if padding_mode == 'zeros' else ''};
+% if padding_mode == 'zeros':
+    __global const ${storage_t} *xr = xp + ihp * ${width};
+% else:
+    __global const ${storage_t} *xr = xp + ${c.padded_index(padding_mode, 'ihp', height)} * ${width};
+% endif
+## Column phases unrolled: each one's inside columns are a plain copy (a unit-stride loop at
+## stride 1, which the compiler vectorises); only the few border columns map through the
+## padding mode.
+% for b in range(NPW):
+<% first, end = inside(b) %>\
+    {
         __global ${storage_t} *out = xs + xs_off
-            + (((idx_t)nc * ${NPH} + a) * ${NPW} + b) * ${rows_total * cols} + i * ${cols};
-        const int ihp = i * ${SH} + a - ${PT};
-        if (i >= ${rows}${' || (uint)ihp >= %du' % height if padding_mode == 'zeros' else ''}) {
+            + (((idx_t)nc * ${NPH} + a) * ${NPW} + ${b}) * ${rows_total * cols} + i * ${cols};
+        if (zero_row) {
             for (int j = 0; j < ${cols}; ++j)
                 STORE((${acc_t})0, out, j);
-            continue;
-        }
+        } else {
+% for lo, hi in ((0, first), (end, cols)):
+% if hi > lo:
+            for (int j = ${lo}; j < ${hi}; ++j) {
 % if padding_mode == 'zeros':
-        __global const ${storage_t} *xr = xp + ihp * ${width};
-        for (int j = 0; j < ${cols}; ++j) {
-            const int iw = j * ${SW} + b - ${PL};
-            STORE((uint)iw < ${width}u ? LOAD(xr, iw) : (${acc_t})0, out, j);
-        }
+                STORE((${acc_t})0, out, j);
 % else:
-        __global const ${storage_t} *xr = xp + ${c.padded_index(padding_mode, 'ihp', height)} * ${width};
-        for (int j = 0; j < ${cols}; ++j) {
-            const int iwp = j * ${SW} + b - ${PL};
-            STORE(LOAD(xr, ${c.padded_index(padding_mode, 'iwp', width)}), out, j);
-        }
+                const int iwp = j * ${SW} + ${b - PL};
+                STORE(LOAD(xr, ${c.padded_index(padding_mode, 'iwp', width)}), out, j);
 % endif
+            }
+% endif
+% endfor
+            for (int j = ${first}; j < ${end}; ++j)
+                STORE(LOAD(xr, j * ${SW} + ${b - PL}), out, j);
+        }
     }
+% endfor
 }

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pyopencl.array as cl_array
 
-from . import autotune, gradients, peak, planner
+from . import autotune, gradients, options, peak, planner
 from .device import device_info
 from .functional import check_device_limits, conv2d
 from .reference import TOLERANCE, Check, test_case
@@ -243,6 +243,7 @@ def main(queue, suite=None, only=None, batch=None, repeats=10, with_torch=True, 
     measured = peak.measure(queue)
     print(f"clconv bench: {info.name} ({info.platform}, driver {info.driver_version}); "
           f"{torch_note}; float32; best of {repeats} runs each; tuning mode {autotune.mode()}; "
+          f"Winograd {'allowed' if options.allow_winograd() else 'off'}; "
           f"FMA peak {measured.gflops:.1f} GFLOP/s", file=out)
     table = format_table([], with_torch).splitlines()
     print("\n".join(table), file=out, flush=True)
@@ -267,6 +268,7 @@ def main(queue, suite=None, only=None, batch=None, repeats=10, with_torch=True, 
         record = {"device": {"name": info.name, "platform": info.platform,
                              "driver_version": info.driver_version},
                   "torch": torch_version, "repeats": repeats, "tuning_mode": autotune.mode(),
+                  "allow_winograd": options.allow_winograd(),
                   "peak": {"gflops": measured.gflops, "width": measured.width,
                            "chains": measured.chains},
                   "rows": [dict(asdict(r), gflops=r.gflops, gbps=r.gbps, ok=r.ok,

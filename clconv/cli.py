@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import autotune, programs
+from . import autotune, options, programs
 from .autotune import cache
 from .device import NoDeviceError, all_devices, choose_device, device_info, queue_for
 
@@ -43,6 +43,8 @@ def cmd_info(args):
     print(f"tuning mode {autotune.mode()} (CLCONV_TUNE); cache {path}: "
           f"{len(cache.cache_entries(info))} problems tuned for this device"
           f"{'' if path.exists() else ' (no file yet)'}")
+    print(f"Winograd F(2x2,3x3): {'allowed' if options.allow_winograd() else 'off'} "
+          "(opt-in: CLCONV_ALLOW_WINOGRAD=1 or clconv.set_allow_winograd(True))")
     stale = cache.other_cache_files(info)
     if stale:
         print(f"      {len(stale)} older cache file(s) of this device, from another driver or "
@@ -52,8 +54,14 @@ def cmd_info(args):
     return 0
 
 
+WINOGRAD_HELP = ("allow Winograd F(2x2,3x3) for 3x3 stride-1 layers (different rounding and "
+                 "inf/NaN spread; default: CLCONV_ALLOW_WINOGRAD, else off)")
+
+
 def cmd_bench(args):
     from . import bench, peak
+    if args.winograd:
+        options.set_allow_winograd(True)
     queue = queue_for(args.device)
     if args.peak:
         print(peak.report(peak.measure(queue), device_info(queue.device).name))
@@ -66,6 +74,8 @@ def cmd_bench(args):
 
 def cmd_tune(args):
     from .autotune import suite
+    if args.winograd:
+        options.set_allow_winograd(True)
     budget = autotune.check_budget(args.budget)
     if args.batch is not None and args.batch < 1:
         raise ValueError(f"--batch must be positive, got {args.batch}")
@@ -94,6 +104,7 @@ def main(argv=None):
     bench.add_argument("--peak", action="store_true",
                        help="only measure the device's float32 FMA peak (the %% of peak column)")
     bench.add_argument("--json", metavar="FILE", help="also write the raw numbers as JSON")
+    bench.add_argument("--winograd", action="store_true", help=WINOGRAD_HELP)
     bench.set_defaults(func=cmd_bench)
     tune = sub.add_parser("tune", help="tune a layer suite for this device and remember it")
     tune.add_argument("--device", help="device name substring")
@@ -108,6 +119,7 @@ def main(argv=None):
                       help="tune layers already in the cache again (default: re-measure them)")
     tune.add_argument("--export", metavar="FILE",
                       help="also write this device's tuned entries as a shareable database")
+    tune.add_argument("--winograd", action="store_true", help=WINOGRAD_HELP)
     tune.set_defaults(func=cmd_tune)
     args = parser.parse_args(argv)
     try:

@@ -2,8 +2,8 @@
 
 Tuned entries come first (autotune: the user's cache, then shipped databases; in mode 'on' an
 untuned problem is tuned here, at its first use), else the algorithm's heuristic. A plan is
-memoised per (problem, context, device, mode), so a repeated call is one dict look-up. Kernels
-take the batch size as an argument, so a built launch is shared by every batch size that
+memoised per (problem, context, device, tuning mode, Winograd opt-in), so a repeated call is
+one dict look-up. Kernels take the batch size as an argument, so a built launch is shared by every batch size that
 chose the same configuration (while its indices fit the same integer type).
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ import warnings
 
 import pyopencl as cl
 
-from . import algorithms, autotune
+from . import algorithms, autotune, options
 from .device import device_info
 from .programs import BuildError
 
@@ -24,7 +24,8 @@ def plan(problem, queue, operation="forward", epilogue=()) -> algorithms.Launch:
     """The Launch of an operation ('forward', 'input_grad', 'weight_grad') of problem.
     epilogue: the forward's fused extras as (name, value) pairs (activation, has_residual);
     they do not change the choice of configuration, only what the kernel does at its end."""
-    key = (problem, operation, epilogue, queue.context, queue.device, autotune.mode())
+    key = (problem, operation, epilogue, queue.context, queue.device, autotune.mode(),
+           options.allow_winograd())
     launch = _plans.get(key)
     if launch is None:
         launch = _plans[key] = _make(problem, queue, operation, dict(epilogue))

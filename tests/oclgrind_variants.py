@@ -108,6 +108,7 @@ def variants():
                    dict(stride=2), dtype, TILES[op](2, 1))
     yield from gemm_variants()
     yield from depthwise_variants()
+    yield from winograd_variants()
     # The weight gradient's split reduction (partial sums, then sum_splits), ragged columns.
     for dtype in ("float16", "float32", "float64"):
         yield (f"weight_grad-splits-{dtype}", "weight_grad", (3, 2, 5, 9), (4, 2, 3, 3), False,
@@ -199,6 +200,34 @@ def depthwise_variants():
             yield (f"dw-epilogue-{activation}-{dtype}", "forward", (2, 3, 5, 11), (3, 1, 3, 3),
                    True, dict(padding=1, groups=3), dtype,
                    dw(4, 2, activation=activation, residual=True))
+
+
+def winograd_variants():
+    """Winograd F(2x2, 3x3): every padding mode on border and inside tiles, odd output sizes
+    (partial last tiles), no inside tile, no border tile, zero padding tiles after the batch,
+    ragged channel blocks, groups, every vector width and count, dtypes, the epilogue and
+    long indices."""
+    def wino(tk, tv, tw, **extra):
+        return dict(algorithm="winograd", tk=tk, tv=tv, tw=tw) | extra
+    for mode in ("zeros", "reflect", "replicate", "circular"):
+        yield (f"wino-{mode}-p1-odd", "forward", (2, 3, 7, 9), (5, 3, 3, 3), True,
+               dict(padding=1, padding_mode=mode), "float32", wino(3, 3, 4))
+        yield (f"wino-{mode}-p2x1-no-inside", "forward", (1, 2, 3, 3), (2, 2, 3, 3), False,
+               dict(padding=(2, 1), padding_mode=mode), "float32", wino(2, 1, 8))
+    yield ("wino-unpadded-g2", "forward", (1, 4, 6, 8), (4, 2, 3, 3), True, dict(groups=2),
+           "float32", wino(2, 2, 2))
+    yield ("wino-tv4", "forward", (3, 5, 6, 7), (6, 5, 3, 3), False, dict(padding=1),
+           "float32", wino(2, 4, 2))
+    yield ("wino-long-index", "forward", (1, 2, 5, 6), (3, 2, 3, 3), True, dict(padding=1),
+           "float32", wino(2, 1, 4, idx_t="long"))
+    for dtype in ("float16", "float64"):
+        yield (f"wino-{dtype}", "forward", (2, 3, 6, 9), (4, 3, 3, 3), True,
+               dict(padding=1, padding_mode="reflect"), dtype, wino(3, 2, 4))
+    for activation in list(ACTIVATIONS)[1:]:
+        for dtype in ("float32", "float16"):
+            yield (f"wino-epilogue-{activation}-{dtype}", "forward", (2, 3, 5, 7), (5, 3, 3, 3),
+                   True, dict(padding=1), dtype,
+                   wino(3, 1, 4, activation=activation, residual=True))
 
 
 # Tile parameters per operation: (channels per work-item, vector width) -> config.

@@ -1,4 +1,5 @@
-"""Every forward algorithm passes the whole correctness matrix on its own.
+"""Every forward algorithm passes the whole correctness matrix on its own (Winograd, an
+opt-in, allowed here).
 
 The planner picks one algorithm per problem, so test_conv_matrix alone would leave the
 algorithms it does not pick untested on those cases. Here each algorithm is forced (its
@@ -38,14 +39,16 @@ def forced(monkeypatch):
                             (algorithm, algorithm.default_config(problem, info)))
         planner.forget()
     monkeypatch.setenv("CLCONV_TUNE", "off")
-    yield force
+    with clconv.winograd_allowed():     # opt-in numerics: here one algorithm among the rest
+        yield force
     planner.forget()
 
 
 def cases(ids, dtype):
-    return [pytest.param(name, case_id, id=f"{name}-{case_id}") for name in FORWARD
-            for case_id in ids
-            if algorithms.ALGORITHMS[name].applies(problem_of(ALL[case_id], dtype))]
+    with clconv.winograd_allowed():
+        return [pytest.param(name, case_id, id=f"{name}-{case_id}") for name in FORWARD
+                for case_id in ids
+                if algorithms.ALGORITHMS[name].applies(problem_of(ALL[case_id], dtype))]
 
 
 @pytest.mark.parametrize("name,case_id", cases(list(ALL), "float32"))

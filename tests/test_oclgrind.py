@@ -55,6 +55,8 @@ def switches(name, operation, x_shape, w_shape, with_bias, kwargs, dtype, config
         return gemm_switches(p, dtype, with_bias, config)
     if config.get("algorithm") == "depthwise":
         return depthwise_switches(p, dtype, with_bias, config)
+    if config.get("algorithm") == "winograd":
+        return winograd_switches(p, dtype, with_bias, config)
     channels = config.get("tk", config.get("tc"))
     per_group = p.cin_per_group if operation == "input_grad" else p.cout_per_group
     width = {"forward": p.out_width, "input_grad": p.width + sum(p.pad[2:]),
@@ -115,6 +117,22 @@ def depthwise_switches(p, dtype, with_bias, config):
     return {("depthwise",) + s for s in found}
 
 
+def winograd_switches(p, dtype, with_bias, config):
+    """Winograd's compile-time branches that one variant takes."""
+    tile_cols = -(-p.out_width // 2)
+    inside = [t for t in range(tile_cols) if 0 <= 2 * t - p.pad[2] <= p.width - 4]
+    tiles = p.batch * -(-p.out_height // 2) * tile_cols
+    found = {("mode", p.padding_mode), ("dtype", dtype), ("tw", config["tw"]),
+             ("tv", config["tv"]), ("bias", with_bias), ("activation", config.get("activation")),
+             ("residual", config.get("residual", False)),
+             ("ragged_channels", p.cout_per_group % config["tk"] != 0),
+             ("inside_tiles", bool(inside)), ("border_tiles", len(inside) < tile_cols),
+             ("odd_output", p.out_height % 2 == 1 or p.out_width % 2 == 1),
+             ("padding_tiles", tiles % (config["tv"] * config["tw"]) != 0),
+             ("groups", p.groups > 1), ("idx", config.get("idx_t", "int"))}
+    return {("winograd",) + s for s in found}
+
+
 def test_variants_cover_every_template_branch():
     covered = set().union(*(switches(*v) for v in oclgrind_variants.variants()))
     direct = {p.name: p.values for p in ALGORITHMS["direct"].params}
@@ -152,6 +170,16 @@ def test_variants_cover_every_template_branch():
         | {("activation", a) for a in oclgrind_variants.ACTIVATIONS}
         | {(k, v) for k in ("bias", "residual", "inside_tiles", "static_border", "ragged_rows",
                             "ragged_width", "multiplier") for v in (True, False)}
+        | {("idx", "int"), ("idx", "long")})}
+    wino = {p.name: p.values for p in ALGORITHMS["winograd"].params}
+    wanted |= {("winograd",) + s for s in (
+        {("mode", m) for m in ("zeros", "reflect", "replicate", "circular")}
+        | {("dtype", d) for d in ("float16", "float32", "float64")}
+        | {("tw", t) for t in wino["tw"]} | {("tv", t) for t in wino["tv"]}
+        | {("activation", a) for a in oclgrind_variants.ACTIVATIONS}
+        | {(k, v) for k in ("bias", "residual", "ragged_channels", "inside_tiles",
+                            "border_tiles", "odd_output", "padding_tiles", "groups")
+           for v in (True, False)}
         | {("idx", "int"), ("idx", "long")})}
     assert wanted <= covered, f"not covered under Oclgrind: {sorted(wanted - covered)}"
     names = oclgrind_variants.all_names()

@@ -7,9 +7,10 @@ from .direct import Direct
 from .implicit_gemm import ImplicitGemm
 from .input_grad import InputGrad
 from .weight_grad import WeightGrad
+from .winograd import Winograd
 
-ALGORITHMS = {a.name: a for a in (Depthwise(), ImplicitGemm(), Direct(), InputGrad(),
-                                  WeightGrad())}
+ALGORITHMS = {a.name: a for a in (Depthwise(), Winograd(), ImplicitGemm(), Direct(),
+                                  InputGrad(), WeightGrad())}
 
 
 def for_operation(operation):

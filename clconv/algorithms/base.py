@@ -201,13 +201,18 @@ def build_step(queue, template, kernel_name, constants, signature, items, local=
 def with_scratch(first, then, scratch_elements, dtype):
     """run(): first writes into a scratch buffer of scratch_elements(batch) acc_t values,
     then `then` (a Step on (scratch, output...)) turns it into the output."""
-    itemsize = 8 if dtype == "float64" else 4       # acc_t: float for half and float
+    itemsize = acc_itemsize(dtype)
 
     def run(queue, inputs, output, batch, wait_for):
         scratch = scratch_buffer(queue, scratch_elements(batch), itemsize)
         events = first(queue, inputs, (scratch, 0), batch, wait_for)
         return events + [then(queue, batch, scratch, *output, wait_for=events)]
     return run
+
+
+def acc_itemsize(dtype):
+    """Bytes of one acc_t value: float for half and float, double for double."""
+    return 8 if dtype == "float64" else 4
 
 
 def scratch_buffer(queue, elements, itemsize):

@@ -17,18 +17,22 @@ CPU_VECTOR_REGISTERS = 16
 LARGE_IMAGE_BYTES = 4 << 20
 
 
+# The register tile of a GEMM micro-kernel and its work-group: tk output channels x tv vectors
+# of tw positions per work-item (shared with Winograd's GEMM).
+REGISTER_TILE_PARAMS = (
+    Param("tk", tuple(range(1, 13)), "output channels per work-item"),
+    Param("tv", (1, 2, 3, 4), "vectors of positions per work-item"),
+    Param("tw", VECTOR_WIDTHS[1:], "positions per vector"),
+    Param("lx", (1, 2, 4, 8, 16, 32), "work-group size along position tiles"),
+    Param("ly", (1, 2, 4, 8), "work-group size along output-channel blocks"),
+)
+
+
 class ImplicitGemm(Algorithm):
     name = "implicit_gemm"
     template = "implicit_gemm.cl.mako"
     kernel_name = "implicit_gemm"
-    params = (
-        Param("tk", tuple(range(1, 13)), "output channels per work-item"),
-        Param("tv", (1, 2, 3, 4), "vectors of grid positions per work-item"),
-        Param("tw", VECTOR_WIDTHS[1:], "grid positions per vector"),
-        Param("lx", (1, 2, 4, 8, 16, 32), "work-group size along position tiles"),
-        Param("ly", (1, 2, 4, 8), "work-group size along output-channel blocks"),
-        Param("ukw", (0, 1), "unroll the kernel-column loop"),
-    )
+    params = REGISTER_TILE_PARAMS + (Param("ukw", (0, 1), "unroll the kernel-column loop"),)
 
     def preferred(self, problem):
         # One input channel per group (depthwise) leaves one FMA per loaded input vector
@@ -36,43 +40,19 @@ class ImplicitGemm(Algorithm):
         return problem.cin_per_group > 1
 
     def constraints(self, problem, info, config):
-        if config["tv"] not in self.params[1].values:
-            return f"tv must be one of {self.params[1].values}"
         if staged(problem):
             size = staged_elements(problem, config, problem.batch) * problem.numpy_dtype.itemsize
             if size > info.max_mem_alloc_size:
                 return (f"the staged input ({size} bytes) exceeds the device's largest "
                         f"allocation ({info.max_mem_alloc_size} bytes)")
-        in_registers = config["tk"] * config["tv"] + config["tv"] + 1
-        if info.is_cpu and in_registers > CPU_VECTOR_REGISTERS:
-            return (f"tk*tv + tv + 1 = {in_registers} vectors exceed the "
-                    f"{CPU_VECTOR_REGISTERS} vector registers of a CPU")
-        return (tile_problem(problem, config, "tk", problem.cout_per_group,
-                             "the output channels per group")
-                or work_group_problem((config["lx"], config["ly"], 1), info))
+        return register_tile_problem(problem, info, config)
 
     def default_config(self, problem, info):
-        positions = _positions(problem)
-        if info.is_cpu:
-            # The 6 x 16 AVX2 micro-kernel (measured: ~190 GFLOP/s of a 234 peak on a 1x1
-            # layer); fewer vectors when the grid is small.
-            tw = min(8, widest_tw(problem))
-            tv = max(1, min(2, positions // (4 * tw)))
-            tk = even_split(problem.cout_per_group, 6)
-            # A work-group of several channel blocks on one position tile shares the tile's
-            # inputs in the core's caches and is one PoCL work-group launch instead of
-            # several (measured: 1.2-3x over single work-items); 8 once an image's grid is
-            # far beyond L2 (vgg's 64 x 226 x 226: 172 against 145 GFLOP/s).
-            image_bytes = staged_elements(problem, None, 1) * problem.numpy_dtype.itemsize
-            most_ly = 8 if image_bytes > LARGE_IMAGE_BYTES else 4
-            blocks = problem.groups * -(-problem.cout_per_group // tk)
-            local = (1, min(most_ly, pow2_at_most(blocks)))
-        else:
-            tw, tv = min(4, widest_tw(problem)), 1
-            tk = even_split(problem.cout_per_group, 4)
-            local = fitting_work_group(
-                (min(32, pow2_at_most(-(-positions // tw))), 1), info)
-        return {"tk": tk, "tv": tv, "tw": tw, "lx": local[0], "ly": local[1], "ukw": 0}
+        # 8 channel blocks per work-group once an image's grid is far beyond L2 (vgg's
+        # 64 x 226 x 226: 172 against 145 GFLOP/s), else 4.
+        image_bytes = staged_elements(problem, None, 1) * problem.numpy_dtype.itemsize
+        return dict(register_tile_default(problem, info, _positions(problem),
+                                          8 if image_bytes > LARGE_IMAGE_BYTES else 4), ukw=0)
 
     def constants(self, problem, config):
         rows, cols = grid(problem, config)
@@ -113,6 +93,40 @@ class ImplicitGemm(Algorithm):
             return [first] + main(queue, [(scratch, 0)] + list(inputs[1:]), output, batch,
                                   [first])
         return run
+
+
+def register_tile_problem(problem, info, config):
+    """Why a GEMM register tile config is invalid for problem on the device (or None)."""
+    if config["tv"] not in REGISTER_TILE_PARAMS[1].values:
+        return f"tv must be one of {REGISTER_TILE_PARAMS[1].values}"
+    in_registers = config["tk"] * config["tv"] + config["tv"] + 1
+    if info.is_cpu and in_registers > CPU_VECTOR_REGISTERS:
+        return (f"tk*tv + tv + 1 = {in_registers} vectors exceed the "
+                f"{CPU_VECTOR_REGISTERS} vector registers of a CPU")
+    return (tile_problem(problem, config, "tk", problem.cout_per_group,
+                         "the output channels per group")
+            or work_group_problem((config["lx"], config["ly"], 1), info))
+
+
+def register_tile_default(problem, info, positions, most_ly):
+    """The heuristic register tile and work-group of a GEMM over positions, with up to
+    most_ly channel blocks per work-group on a CPU."""
+    if info.is_cpu:
+        # The 6 x 16 AVX2 micro-kernel (measured: ~190 GFLOP/s of a 234 peak on a 1x1
+        # layer); fewer vectors when the grid is small.
+        tw = min(8, widest_tw(problem))
+        tv = max(1, min(2, positions // (4 * tw)))
+        tk = even_split(problem.cout_per_group, 6)
+        # A work-group of several channel blocks on one position tile shares the tile's
+        # inputs in the core's caches and is one PoCL work-group launch instead of
+        # several (measured: 1.2-3x over single work-items).
+        blocks = problem.groups * -(-problem.cout_per_group // tk)
+        local = (1, min(most_ly, pow2_at_most(blocks)))
+    else:
+        tw, tv = min(4, widest_tw(problem)), 1
+        tk = even_split(problem.cout_per_group, 4)
+        local = fitting_work_group((min(32, pow2_at_most(-(-positions // tw))), 1), info)
+    return {"tk": tk, "tv": tv, "tw": tw, "lx": local[0], "ly": local[1]}
 
 
 def phases(problem):

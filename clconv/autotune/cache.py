@@ -22,7 +22,8 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from .. import __version__, programs
+from .. import __version__, options, programs
+from ..algorithms import winograd
 from ..paths import cache_dir, shipped_dir
 from .lock import locked
 
@@ -37,12 +38,15 @@ class TuningCacheWarning(UserWarning):
 
 def signature(problem, batch=True, operation="forward"):
     """A readable, unique text for an operation on a problem (everything a kernel depends
-    on). Gradients are prefixed with their operation; the forward has no prefix."""
+    on). Gradients are prefixed with their operation; the forward has no prefix, and ends in
+    'winograd' where Winograd is allowed (clconv.options) and fits."""
     p = problem
     text = (f"{p.dtype} {p.in_channels}x{p.height}x{p.width} -> {p.out_channels} "
             f"k{p.kernel_size[0]}x{p.kernel_size[1]} s{p.stride[0]}x{p.stride[1]} "
             f"d{p.dilation[0]}x{p.dilation[1]} pad{','.join(map(str, p.pad))} g{p.groups} "
             f"{p.padding_mode}{' bias' if p.has_bias else ''}")
+    if operation == "forward" and options.allow_winograd() and winograd.fits(p):
+        text += " winograd"     # tuned with Winograd allowed: a choice of its own
     text = text if operation == "forward" else f"{operation} {text}"
     return f"{text} n{p.batch}" if batch else text
 

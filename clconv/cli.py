@@ -60,8 +60,6 @@ WINOGRAD_HELP = ("allow Winograd F(2x2,3x3) for 3x3 stride-1 layers (different r
 
 def cmd_bench(args):
     from . import bench, peak
-    if args.winograd:
-        options.set_allow_winograd(True)
     queue = queue_for(args.device)
     if args.peak:
         print(peak.report(peak.measure(queue), device_info(queue.device).name))
@@ -74,8 +72,6 @@ def cmd_bench(args):
 
 def cmd_tune(args):
     from .autotune import suite
-    if args.winograd:
-        options.set_allow_winograd(True)
     budget = autotune.check_budget(args.budget)
     if args.batch is not None and args.batch < 1:
         raise ValueError(f"--batch must be positive, got {args.batch}")
@@ -122,6 +118,8 @@ def main(argv=None):
     tune.add_argument("--winograd", action="store_true", help=WINOGRAD_HELP)
     tune.set_defaults(func=cmd_tune)
     args = parser.parse_args(argv)
+    if getattr(args, "winograd", False):       # bench and tune
+        options.set_allow_winograd(True)
     try:
         return args.func(args)
     except (NoDeviceError, ValueError) as err:

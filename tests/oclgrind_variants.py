@@ -122,12 +122,17 @@ def variants():
                    dict(tk=3, tw=4, activation=activation, residual=True))
 
 
+def register_tile(algorithm, tk, tv, tw, **extra):
+    """The config of a GEMM register tile (implicit_gemm, winograd), with extras."""
+    return dict(algorithm=algorithm, tk=tk, tv=tv, tw=tw) | extra
+
+
 def gemm_variants():
     """The implicit GEMM forward: staged grids under every padding mode (a strided 1x1's
     sampled grid, strided kernels' phase planes), unstaged inputs whose last tiles read lane by lane, dense and gapped
     output grids, every vector width, dtypes and the epilogue."""
     def gemm(tk, tv, tw, **extra):
-        return dict(algorithm="implicit_gemm", tk=tk, tv=tv, tw=tw) | extra
+        return register_tile("implicit_gemm", tk, tv, tw, **extra)
     for mode in ("zeros", "reflect", "replicate", "circular"):
         yield (f"gemm-{mode}-p1", "forward", (2, 3, 5, 7), (5, 3, 3, 3), True,
                dict(padding=1, padding_mode=mode), "float32", gemm(3, 2, 4))
@@ -208,7 +213,7 @@ def winograd_variants():
     ragged channel blocks, groups, every vector width and count, dtypes, the epilogue and
     long indices."""
     def wino(tk, tv, tw, **extra):
-        return dict(algorithm="winograd", tk=tk, tv=tv, tw=tw) | extra
+        return register_tile("winograd", tk, tv, tw, **extra)
     for mode in ("zeros", "reflect", "replicate", "circular"):
         yield (f"wino-{mode}-p1-odd", "forward", (2, 3, 7, 9), (5, 3, 3, 3), True,
                dict(padding=1, padding_mode=mode), "float32", wino(3, 3, 4))

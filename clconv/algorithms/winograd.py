@@ -17,7 +17,7 @@ from .implicit_gemm import (LARGE_IMAGE_BYTES, REGISTER_TILE_PARAMS, register_ti
 TRANSFORM_POINTS = 16       # a 4x4 tile: 16 GEMMs
 # U, V and M hold 16 planes each, a multiple of PLANE_ALIGN plus PLANE_SKEW elements apart:
 # 16 streams a power of two apart all fell in one cache set (5 ms for a 512x512 weight
-# transform, 0.3 ms with the skew).
+# transform, about 1 ms with the skew).
 PLANE_ALIGN, PLANE_SKEW = 1024, 16
 MIN_OUTPUTS = 128           # per filter, for the heuristic to prefer it (see preferred())
 

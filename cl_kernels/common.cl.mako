@@ -26,7 +26,7 @@ LOAD(${p}, ${i})\
 % elif storage_t == 'half':
 vload_half${n}(0, ${p} + (${i}))\
 % else:
-(${storage_t}${n})(${', '.join('(%s)[(%s) + %d]' % (p, i, j) for j in range(n))})\
+(${storage_t}${n})(${', '.join('(%s + (%s))[%d]' % (p, i, j) for j in range(n))})\
 % endif
 </%def>
 

@@ -145,15 +145,30 @@ ${taps(False)}
 % endfor
         }
 % else:
-% for j in range(tw):
+## A vector inside one output row is one store; one across the row's end or the grid's extra
+## columns goes lane by lane.
         {
-            const int p = p0 + ${v * tw + j};
+            const int p = p0 + ${v * tw};
             const int oh = p / ${cols};
             const int ow = p - oh * ${cols};
-            if (ow < ${w_out} && p < ${ends})
-                ${c.epilogue_store(storage_t, activation, has_residual, capture(c.lane, a, tw, j), acc_t, 1, 'yc + oh * %d + ow' % w_out)};
-        }
+% if tw > 1:
+            if (oh < ${h_out} && ow + ${tw} <= ${w_out}) {
+                ${c.epilogue_store(storage_t, activation, has_residual, a, acc_t, tw, 'yc + oh * %d + ow' % w_out)};
+            } else {
+% endif
+% for j in range(tw):
+            {
+                const int q = p + ${j};
+                const int qh = q / ${cols};
+                const int qw = q - qh * ${cols};
+                if (qw < ${w_out} && q < ${ends})
+                    ${c.epilogue_store(storage_t, activation, has_residual, capture(c.lane, a, tw, j), acc_t, 1, 'yc + qh * %d + qw' % w_out)};
+            }
 % endfor
+% if tw > 1:
+            }
+% endif
+        }
 % endif
 % endfor
     }

@@ -7,6 +7,7 @@ Cases are deliberately dense: each one exercises several features at once to
 keep the number of distinct OpenCL kernels (each compiled once) small.
 """
 
+import importlib.util
 import functools
 import os
 import sys
@@ -27,12 +28,8 @@ from reference import (  # noqa: E402
 )
 from _cases import Conv, apply_layout, make_data, rng_for, torch_conv2d  # noqa: E402
 
-try:  # torch is an optional second oracle here
-    import torch  # noqa: F401
-
-    HAVE_TORCH = True
-except ImportError:  # pragma: no cover
-    HAVE_TORCH = False
+# torch is an optional second oracle here
+HAVE_TORCH = importlib.util.find_spec("torch") is not None
 
 
 @functools.lru_cache(maxsize=None)

@@ -94,6 +94,12 @@ def gemm_switches(p, dtype, with_bias, config):
              ("phases", "several" if phases(p) != (1, 1) else "one"),
              ("strided", p.stride != (1, 1)),
              ("idx", config.get("idx_t", "int"))}
+    if cols != p.out_width:
+        # A gapped output grid stores a vector inside one output row at once, others by lane.
+        found |= {("gapped_store", "vector" if start < p.out_height * cols
+                   and start % cols + config["tw"] <= p.out_width and config["tw"] > 1
+                   else "lanes")
+                  for start in range(0, -(-positions // tile) * tile, config["tw"])}
     return {("implicit_gemm",) + s for s in found}
 
 
@@ -158,6 +164,7 @@ def test_variants_cover_every_template_branch():
         | {("ukw", u) for u in gemm["ukw"]}
         | {("activation", a) for a in oclgrind_variants.ACTIVATIONS}
         | {("phases", k) for k in ("one", "several")}
+        | {("gapped_store", k) for k in ("vector", "lanes")}
         | {(k, v) for k in ("bias", "residual", "ragged_channels", "staged", "dense_out",
                             "lane_loads", "strided") for v in (True, False)}
         | {("idx", "int"), ("idx", "long")})}

@@ -36,6 +36,7 @@ class DeviceInfo:
     global_mem_size: int
     fp16: bool
     fp64: bool
+    local_memory: bool = False      # dedicated local memory (not emulated in global memory)
 
     @classmethod
     def of(cls, device):
@@ -52,6 +53,7 @@ class DeviceInfo:
             global_mem_size=device.global_mem_size,
             fp16="cl_khr_fp16" in ext,
             fp64="cl_khr_fp64" in ext or device.double_fp_config != 0,
+            local_memory=device.local_mem_type == cl.device_local_mem_type.LOCAL,
         )
 
 

@@ -107,6 +107,7 @@ def variants():
             yield (f"{prefix}{dtype}-tw1", op, (1, 2, 4, 4), (2, 2, 3, 3), False,
                    dict(stride=2), dtype, TILES[op](2, 1))
     yield from gemm_variants()
+    yield from tiled_gemm_variants()
     yield from depthwise_variants()
     yield from winograd_variants()
     # The weight gradient's split reduction (partial sums, then sum_splits), ragged columns.
@@ -168,6 +169,37 @@ def gemm_variants():
         for dtype, kwargs in (("float32", dict(padding=1)), ("float16", {})):
             yield (f"gemm-epilogue-{activation}-{dtype}", "forward", (2, 3, 5, 7), (5, 3, 3, 3),
                    True, kwargs, dtype, gemm(3, 1, 4, activation=activation, residual=True))
+
+
+def tiled_gemm_variants():
+    """The local-memory tiled GEMM: staged grids under every padding mode and strided phase
+    planes, unstaged inputs whose last tiles clamp their reads, ragged channel blocks and
+    K chunks, tiles wider than the work-group in both directions, groups, dtypes, the
+    epilogue and long indices."""
+    def tiled(mwg, nwg, mdim, ndim, cib, **extra):
+        return dict(algorithm="tiled_gemm", mwg=mwg, nwg=nwg, mdim=mdim, ndim=ndim,
+                    cib=cib) | extra
+    for mode in ("zeros", "reflect", "replicate", "circular"):
+        yield (f"tiled-{mode}-p1", "forward", (2, 3, 5, 7), (5, 3, 3, 3), True,
+               dict(padding=1, padding_mode=mode), "float32", tiled(16, 16, 4, 8, 2))
+    yield ("tiled-unstaged-ragged", "forward", (1, 5, 6, 7), (6, 5, 3, 3), False, {},
+           "float32", tiled(16, 32, 8, 4, 4))
+    yield ("tiled-1x1", "forward", (2, 8, 3, 5), (16, 8, 1, 1), True, {}, "float32",
+           tiled(16, 16, 4, 4, 8))
+    yield ("tiled-s2-phases-groups", "forward", (1, 4, 9, 11), (6, 2, 3, 3), True,
+           dict(stride=2, padding=1, groups=2, padding_mode="reflect"), "float32",
+           tiled(16, 16, 8, 8, 1))
+    yield ("tiled-stem-7x7-s2", "forward", (1, 3, 15, 17), (5, 3, 7, 7), False,
+           dict(stride=2, padding=3), "float32", tiled(16, 32, 4, 8, 2))
+    yield ("tiled-long-index", "forward", (1, 2, 5, 6), (3, 2, 3, 3), True, dict(padding=1),
+           "float32", tiled(16, 16, 4, 4, 2, idx_t="long"))
+    for dtype in ("float16", "float64"):
+        yield (f"tiled-{dtype}", "forward", (1, 3, 6, 9), (4, 3, 3, 3), True,
+               dict(padding=1, padding_mode="circular"), dtype, tiled(16, 16, 4, 4, 2))
+    for activation in list(ACTIVATIONS)[1:]:
+        yield (f"tiled-epilogue-{activation}", "forward", (2, 3, 5, 7), (5, 3, 3, 3), True,
+               dict(padding=1), "float32",
+               tiled(16, 16, 4, 4, 1, activation=activation, residual=True))
 
 
 def depthwise_variants():

@@ -85,3 +85,41 @@ def test_heuristic_falls_back_when_the_staged_input_does_not_fit():
     reason = gemm.constraints(p, tiny, gemm.default_config(p, tiny))
     assert "largest allocation" in reason
     assert algorithms.choose(p, tiny)[0].name == "direct"
+
+
+def test_tiled_gemm_is_chosen_only_where_local_memory_is_real():
+    import dataclasses
+
+    from clconv.autotune.search import Tuner
+    queue = clconv.queue_for()
+    info = clconv.device_info(queue.device)
+    p = problem_of(ALL["k3_p1_ch13to17"], "float32")
+    tiled = algorithms.ALGORITHMS["tiled_gemm"]
+    emulated = dataclasses.replace(info, local_memory=False)
+    real = dataclasses.replace(info, is_cpu=False, local_memory=True, local_mem_size=32768,
+                               max_work_group_size=256, max_work_item_sizes=(256, 256, 64))
+    assert algorithms.choose(p, emulated)[0].name != "tiled_gemm"
+    algorithm, config = algorithms.choose(p, real)
+    assert algorithm is tiled and tiled.constraints(p, real, config) is None
+    # A GPU with 16 KB of local memory and 128 work-items per group gets a default it runs.
+    small = dataclasses.replace(real, local_mem_size=16384, max_work_group_size=128,
+                                max_work_item_sizes=(128, 128, 64))
+    assert tiled.constraints(p, small, tiled.default_config(p, small)) is None
+    if not info.local_memory:
+        assert tiled not in Tuner(p, queue).algorithms
+
+
+def test_tiled_gemm_constraints_name_the_rule():
+    import dataclasses
+    info = clconv.device_info(clconv.queue_for().device)
+    p = problem_of(ALL["k3_p1_ch13to17"], "float32")
+    tiled = algorithms.ALGORITHMS["tiled_gemm"]
+    good = tiled.default_config(p, info)
+    assert tiled.constraints(p, info, good | {"mwg": 16, "mdim": 32}) == (
+        "mwg must be a multiple of mdim and nwg of ndim")
+    assert "outputs per work-item" in tiled.constraints(
+        p, info, good | {"mwg": 128, "nwg": 128, "mdim": 4, "ndim": 4})
+    assert "input channels per group" in tiled.constraints(p, info, good | {"cib": 32})
+    huge = good | {"mwg": 128, "nwg": 128, "mdim": 16, "ndim": 16, "cib": 8}
+    small = dataclasses.replace(info, local_mem_size=32768)
+    assert "exceed the device's 32768 bytes of local memory" in tiled.constraints(p, small, huge)

@@ -55,6 +55,8 @@ def switches(name, operation, x_shape, w_shape, with_bias, kwargs, dtype, config
         return gemm_switches(p, dtype, with_bias, config)
     if config.get("algorithm") == "depthwise":
         return depthwise_switches(p, dtype, with_bias, config)
+    if config.get("algorithm") == "tiled_gemm":
+        return tiled_gemm_switches(p, dtype, with_bias, config)
     if config.get("algorithm") == "winograd":
         return winograd_switches(p, dtype, with_bias, config)
     channels = config.get("tk", config.get("tc"))
@@ -101,6 +103,24 @@ def gemm_switches(p, dtype, with_bias, config):
                    else "lanes")
                   for start in range(0, -(-positions // tile) * tile, config["tw"])}
     return {("implicit_gemm",) + s for s in found}
+
+
+def tiled_gemm_switches(p, dtype, with_bias, config):
+    """The local-memory tiled GEMM's compile-time branches that one variant takes."""
+    from clconv.algorithms.implicit_gemm import phases, staged
+    k_values = config["cib"] * p.kernel_size[0] * p.kernel_size[1]
+    found = {("mode", p.padding_mode), ("dtype", dtype), ("bias", with_bias),
+             ("activation", config.get("activation")),
+             ("residual", config.get("residual", False)),
+             ("staged", staged(p)), ("phases", "several" if phases(p) != (1, 1) else "one"),
+             ("ragged_channels", p.cout_per_group % config["mwg"] != 0),
+             ("ragged_chunk", p.cin_per_group % config["cib"] != 0),
+             ("partial_weight_loads", k_values % config["ndim"] != 0),
+             ("partial_input_loads", k_values % config["mdim"] != 0),
+             ("several_per_item", config["mwg"] > config["mdim"]
+              and config["nwg"] > config["ndim"]),
+             ("groups", p.groups > 1), ("idx", config.get("idx_t", "int"))}
+    return {("tiled_gemm",) + s for s in found}
 
 
 def depthwise_switches(p, dtype, with_bias, config):
@@ -168,6 +188,15 @@ def test_variants_cover_every_template_branch():
         | {(k, v) for k in ("bias", "residual", "ragged_channels", "staged", "dense_out",
                             "lane_loads", "strided") for v in (True, False)}
         | {("idx", "int"), ("idx", "long")})}
+    wanted |= {("tiled_gemm",) + s for s in (
+        {("mode", m) for m in ("zeros", "reflect", "replicate", "circular")}
+        | {("dtype", d) for d in ("float16", "float32", "float64")}
+        | {("activation", a) for a in oclgrind_variants.ACTIVATIONS}
+        | {("phases", k) for k in ("one", "several")}
+        | {(k, v) for k in ("bias", "residual", "staged", "ragged_channels", "ragged_chunk",
+                            "partial_weight_loads", "partial_input_loads", "groups")
+           for v in (True, False)}
+        | {("several_per_item", True), ("idx", "int"), ("idx", "long")})}
     depthwise = {p.name: p.values for p in ALGORITHMS["depthwise"].params}
     wanted |= {("depthwise",) + s for s in (
         {("mode", m) for m in ("zeros", "reflect", "replicate", "circular")}

@@ -6,11 +6,12 @@ from .depthwise import Depthwise
 from .direct import Direct
 from .implicit_gemm import ImplicitGemm
 from .input_grad import InputGrad
+from .tiled_gemm import TiledGemm
 from .weight_grad import WeightGrad
 from .winograd import Winograd
 
-ALGORITHMS = {a.name: a for a in (Depthwise(), Winograd(), ImplicitGemm(), Direct(),
-                                  InputGrad(), WeightGrad())}
+ALGORITHMS = {a.name: a for a in (Depthwise(), Winograd(), TiledGemm(), ImplicitGemm(),
+                                  Direct(), InputGrad(), WeightGrad())}
 
 
 def for_operation(operation):
@@ -21,11 +22,11 @@ def for_operation(operation):
 
 
 def choose(problem, info, operation="forward"):
-    """(algorithm, config) by heuristic: the first algorithm preferred for problem whose
-    default configuration is valid on the device, with that default; else the first that
-    applies."""
+    """(algorithm, config) by heuristic: the first algorithm preferred for problem (and
+    suited to the device) whose default configuration is valid on the device, with that
+    default; else the first that applies."""
     for algorithm in for_operation(operation):
-        if algorithm.preferred(problem):
+        if algorithm.preferred(problem) and algorithm.suits(info):
             config = algorithm.default_config(problem, info)
             if not algorithm.constraints(problem, info, config):
                 return algorithm, config

@@ -4,6 +4,8 @@ An algorithm computes one `operation` (the forward convolution, or its gradient 
 to the input or the weight). It is data plus a few small methods (after CLBlast's kernel
 descriptions):
 - `params`: its tunable parameters, each with the values a tuner may try;
+- `suits`: whether it is worth trying on a device at all (the tiled GEMM needs real local
+  memory);
 - `constraints`: why a configuration is invalid for a problem on a device (or None);
 - `default_config`: the heuristic choice when nothing is tuned;
 - `constants`: what its template is specialised on, and `ranges`: its NDRange.
@@ -125,6 +127,11 @@ class Algorithm:
     params: tuple = ()
 
     def applies(self, problem) -> bool:
+        return True
+
+    def suits(self, info) -> bool:
+        """Whether the algorithm is worth trying on the device at all: the heuristic and the
+        tuner pass over it otherwise (forced, it still runs correctly)."""
         return True
 
     def preferred(self, problem) -> bool:

@@ -40,32 +40,43 @@ class ImplicitGemm(Algorithm):
         return problem.cin_per_group > 1
 
     def constraints(self, problem, info, config):
+        return (register_tile_problem(problem, info, config)
+                or self.staging_problem(problem, info, config))
+
+    @staticmethod
+    def staging_problem(problem, info, config):
+        """Why the staged grid cannot be allocated (or None)."""
         if staged(problem):
             size = staged_elements(problem, config, problem.batch) * problem.numpy_dtype.itemsize
             if size > info.max_mem_alloc_size:
                 return (f"the staged input ({size} bytes) exceeds the device's largest "
                         f"allocation ({info.max_mem_alloc_size} bytes)")
-        return register_tile_problem(problem, info, config)
+        return None
 
     def default_config(self, problem, info):
         # 8 channel blocks per work-group once an image's grid is far beyond L2 (vgg's
         # 64 x 226 x 226: 172 against 145 GFLOP/s), else 4.
         image_bytes = staged_elements(problem, None, 1) * problem.numpy_dtype.itemsize
-        return dict(register_tile_default(problem, info, _positions(problem),
+        return dict(register_tile_default(problem, info, positions(problem),
                                           8 if image_bytes > LARGE_IMAGE_BYTES else 4), ukw=0)
 
     def constants(self, problem, config):
+        return dict(self.grid_constants(problem, config), phases=phases(problem),
+                    tk=config["tk"], tv=config["tv"], tw=config["tw"],
+                    unroll_kw=bool(config.get("ukw", 0)))
+
+    @staticmethod
+    def grid_constants(problem, config):
+        """The template constants of a GEMM that reads the grid."""
         rows, cols = grid(problem, config)
         idx_t = config.get("idx_t") or (
             "long" if staged_elements(problem, config, problem.batch) > INT32_LIMIT
             else index_type(problem))
         return dict(geometry(problem, config), idx_t=idx_t, has_bias=problem.has_bias,
-                    rows=rows, cols=cols, phases=phases(problem), tk=config["tk"],
-                    tv=config["tv"], tw=config["tw"], unroll_kw=bool(config.get("ukw", 0)),
-                    activation=None, has_residual=False)
+                    rows=rows, cols=cols, activation=None, has_residual=False)
 
     def ranges(self, problem, config):
-        tiles = -(-_positions(problem) // (config["tv"] * config["tw"]))
+        tiles = -(-positions(problem) // (config["tv"] * config["tw"]))
         blocks = problem.groups * -(-problem.cout_per_group // config["tk"])
         return (tiles, blocks, problem.batch), (config["lx"], config["ly"], 1)
 
@@ -153,8 +164,8 @@ def grid(problem, config=None):
     rows = problem.out_height + (kh - 1) * dh // sh
     cols = problem.out_width + (kw - 1) * dw // sw
     if config is not None:
-        tile = config["tv"] * config["tw"]
-        farthest = (round_up(_positions(problem), tile) + (kh - 1) * dh // sh * cols
+        tile = config["nwg"] if "nwg" in config else config["tv"] * config["tw"]
+        farthest = (round_up(positions(problem), tile) + (kh - 1) * dh // sh * cols
                     + (kw - 1) * dw // sw)
         rows = max(rows, -(-farthest // cols))
     return rows, cols
@@ -171,7 +182,7 @@ def staged(problem):
     return any(problem.pad) or problem.stride != (1, 1)
 
 
-def _positions(problem):
+def positions(problem):
     """Grid positions up to the last output."""
     cols = grid(problem)[1]
     return (problem.out_height - 1) * cols + problem.out_width

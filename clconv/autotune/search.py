@@ -1,7 +1,7 @@
 """The tuner: for one problem on one device, find the fastest correct configuration.
 
-Candidates are every algorithm that applies, with every combination of its declared
-parameter values that its constraints accept on this device. A small space is tried
+Candidates are every algorithm that applies and suits the device, with every combination of
+its declared parameter values that its constraints accept on this device. A small space is tried
 exhaustively; a large one by random sampling, then hill-climbing over neighbouring parameter
 values around the best so far (and sampling again when that is exhausted). Each candidate is
 built, run once (warm-up; its output, written over NaNs, must match the NumPy reference or it
@@ -109,7 +109,8 @@ class Tuner:
         self.problem, self.queue, self.repeats = problem, queue, repeats
         self.operation = operation
         self.info = device_info(queue.device)
-        pool = candidates_from or algorithms.for_operation(operation)
+        pool = candidates_from or [a for a in algorithms.for_operation(operation)
+                                   if a.suits(self.info)]
         self.algorithms = [a for a in pool if a.applies(problem)]
         operands, out_shape, reference = test_case(problem, operation,
                                                    np.random.default_rng(seed))

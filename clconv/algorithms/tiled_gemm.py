@@ -1,0 +1,89 @@
+"""Local-memory tiled implicit GEMM for devices whose local memory is real (GPUs): each
+work-group stages a weight tile and an input tile of the implicit GEMM's grid in local
+memory and every work-item accumulates a small block of outputs from there."""
+from __future__ import annotations
+
+from .base import Param, acc_itemsize, pow2_at_most, work_group_problem
+from .implicit_gemm import ImplicitGemm, phases, positions, staged
+
+# The most accumulators per work-item (registers, not local memory, hold them).
+MOST_OUTPUTS_PER_ITEM = 64
+# The heuristic's K values per chunk: enough multiply-adds per barrier pair.
+CHUNK_K = 32
+
+
+class TiledGemm(ImplicitGemm):
+    name = "tiled_gemm"
+    template = "tiled_gemm.cl.mako"
+    kernel_name = "tiled_gemm"
+    params = (
+        Param("mwg", (16, 32, 64, 128), "output channels per work-group"),
+        Param("nwg", (16, 32, 64, 128), "grid positions per work-group"),
+        Param("mdim", (4, 8, 16, 32), "work-items along channels"),
+        Param("ndim", (4, 8, 16, 32), "work-items along positions"),
+        Param("cib", (1, 2, 4, 8, 16, 32), "input channels per local-memory chunk"),
+    )
+
+    def suits(self, info):
+        # Where local memory is emulated in global memory (CPUs), the copies and barriers
+        # only cost: the register-tiled implicit GEMM is the one for those.
+        return info.local_memory
+
+    def preferred(self, problem):
+        return problem.cin_per_group > 1
+
+    def constraints(self, problem, info, config):
+        mwg, nwg, mdim, ndim = (config[k] for k in ("mwg", "nwg", "mdim", "ndim"))
+        if mwg % mdim or nwg % ndim:
+            return "mwg must be a multiple of mdim and nwg of ndim"
+        if (mwg // mdim) * (nwg // ndim) > MOST_OUTPUTS_PER_ITEM:
+            return (f"(mwg/mdim)*(nwg/ndim) outputs per work-item exceed "
+                    f"{MOST_OUTPUTS_PER_ITEM}")
+        if config["cib"] > max(1, pow2_at_most(problem.cin_per_group)):
+            return "cib exceeds the input channels per group"
+        local = local_bytes(problem, config)
+        if local > info.local_mem_size:
+            return (f"the tiles' {local} bytes exceed the device's {info.local_mem_size} "
+                    f"bytes of local memory")
+        return (self.staging_problem(problem, info, config)
+                or work_group_problem((ndim, mdim, 1), info))
+
+    def default_config(self, problem, info):
+        # 64 x 64 outputs in 16 x 16 work-items (4 x 4 each), as GEMMs on GPUs commonly
+        # start; chunks of about CHUNK_K values of K; smaller when the device needs it.
+        config = {"mwg": 64 if problem.cout_per_group > 32 else 32, "nwg": 64,
+                  "mdim": 16, "ndim": 16,
+                  "cib": min(max(1, pow2_at_most(CHUNK_K // self.taps(problem))),
+                             pow2_at_most(problem.cin_per_group))}
+        while (work_group_problem((config["ndim"], config["mdim"], 1), info)
+               and config["mdim"] > 4):
+            config["mdim"] //= 2
+            config["ndim"] //= 2
+        while local_bytes(problem, config) > info.local_mem_size and config["cib"] > 1:
+            config["cib"] //= 2
+        return config
+
+    @staticmethod
+    def taps(problem):
+        return problem.kernel_size[0] * problem.kernel_size[1]
+
+    def constants(self, problem, config):
+        return dict(self.grid_constants(problem, config), staged=staged(problem),
+                    phases=phases(problem), mwg=config["mwg"], nwg=config["nwg"],
+                    mdim=config["mdim"], ndim=config["ndim"], cib=config["cib"])
+
+    def ranges(self, problem, config):
+        tiles = -(-positions(problem) // config["nwg"])
+        blocks = problem.groups * -(-problem.cout_per_group // config["mwg"])
+        return ((tiles * config["ndim"], blocks * config["mdim"], problem.batch),
+                (config["ndim"], config["mdim"], 1))
+
+    def launcher(self, problem, queue, config, strict, epilogue):
+        # The kernel's barriers need the work-group it was written for: never shrunk.
+        return super().launcher(problem, queue, config, True, epilogue)
+
+
+def local_bytes(problem, config):
+    """Local memory of the weight and input tiles."""
+    k_values = config["cib"] * TiledGemm.taps(problem)
+    return k_values * (config["mwg"] + config["nwg"]) * acc_itemsize(problem.dtype)

@@ -6,8 +6,10 @@ three ways: on the device with the heuristic configuration (untuned) and with th
 the operands already on the device; and end to end, NumPy in and out through the public
 functions (upload, launch, download), by wall clock. torch's CPU convolution (F.conv2d,
 torch.nn.grad.conv2d_input / conv2d_weight), when installed, is timed in the same run by
-wall clock. Every figure is the best of the repeats: on a shared machine torch's thread pool
-was seen to stall ~30 ms on some calls, which poisons medians. GFLOP/s is also shown as a
+wall clock. Every figure is the best of the repeats, taken in rounds where each column runs
+once in turn, so that a noisy spell of a shared machine hits all of a row's columns and not
+one (on this machine a layer's own times moved up to 2x for seconds at a time), and torch's
+thread pool was seen to stall ~30 ms on some calls, which poisons medians. GFLOP/s is also shown as a
 share of the device's FMA peak (clconv.peak), and as GB/s of the operands and the result
 (the measure for memory-bound layers such as depthwise ones). Every result is checked
 against the NumPy reference.
@@ -15,6 +17,7 @@ against the NumPy reference.
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -84,36 +87,37 @@ def describe(p):
     return text + f" -> {p.out_channels}"
 
 
-def time_device(problem, queue, operation, inputs, out_shape, repeats, mode=None):
-    """Best device time in ms over repeats (profiling events; inputs: the operands as device
-    arrays) under a tuning mode (None: the configured one), and the last run's output."""
+def device_timer(problem, queue, operation, inputs, out_shape, mode=None):
+    """(timer, y): timer() runs the plan under a tuning mode (None: the configured one) once
+    on the device operands (inputs) and returns its device ms (profiling events); y holds the
+    output."""
     with autotune.mode_set_to(mode or autotune.mode()):
         launch = planner.plan(problem, queue, operation)
     y = cl_array.empty(queue, out_shape, problem.numpy_dtype)
-    times = [launch.timed(queue, [(a.base_data, 0) for a in inputs], (y.base_data, 0),
-                          problem.batch) for _ in range(repeats)]
-    return min(times), y.get()
+    args = ([(a.base_data, 0) for a in inputs], (y.base_data, 0), problem.batch)
+    return (lambda: launch.timed(queue, *args)), y
 
 
-def time_end_to_end(problem, queue, operation, operands, repeats):
-    """Best wall-clock ms of the public function on NumPy operands (upload, run, download)."""
+def end_to_end_timer(problem, queue, operation, operands):
+    """A timer of the public function on NumPy operands (upload, run, download)."""
     args = dict(torch_args(problem), padding_mode=problem.padding_mode, queue=queue)
     call = {"forward": lambda: conv2d(*operands, **args),
             "input_grad": lambda: gradients.conv2d_input_grad(
                 problem.input_shape, operands[1], operands[0], **args),
             "weight_grad": lambda: gradients.conv2d_weight_grad(
                 operands[0], problem.weight_shape, operands[1], **args)}[operation]
-    return best_wall_ms(call, repeats)
+    return wall_timer(call)
 
 
-def best_wall_ms(call, repeats):
-    call()      # warm-up
-    times = []
-    for _ in range(repeats):
+def wall_timer(call):
+    """After one warm-up call, a timer of call's wall-clock ms."""
+    call()
+
+    def timer():
         start = time.perf_counter()
         call()
-        times.append((time.perf_counter() - start) * 1e3)
-    return min(times)
+        return (time.perf_counter() - start) * 1e3
+    return timer
 
 
 def torch_args(problem):
@@ -122,8 +126,8 @@ def torch_args(problem):
                 groups=problem.groups)
 
 
-def time_torch(problem, operation, operands, repeats):
-    """Best wall-clock ms of torch's CPU version of the operation, or None without torch."""
+def torch_timer(problem, operation, operands):
+    """A timer of torch's CPU version of the operation, or None without torch."""
     try:
         import torch
         import torch.nn.functional as F
@@ -135,8 +139,24 @@ def time_torch(problem, operation, operands, repeats):
             "input_grad": lambda: torch.nn.grad.conv2d_input(problem.input_shape, b, a, **args),
             "weight_grad": lambda: torch.nn.grad.conv2d_weight(a, problem.weight_shape, b,
                                                                **args)}[operation]
-    with torch.no_grad():
-        return best_wall_ms(call, repeats)
+
+    def no_grad_call():
+        with torch.no_grad():
+            return call()
+    return wall_timer(no_grad_call)
+
+
+def interleaved_best(timers, repeats, burst=5):
+    """The best ms of each timer over about repeats calls, made in rounds where the timers
+    take turns, burst calls each: a noisy spell of a shared machine then hits every column
+    of a row, not just one, and the calls after a switch are clear of the previous
+    library's threads still spinning (torch's right after clconv's, and the reverse, were
+    both ~1.5x slower)."""
+    best = [math.inf] * len(timers)
+    for _ in range(-(-repeats // burst)):
+        for i, timer in enumerate(timers):
+            best[i] = min([best[i]] + [timer() for _ in range(burst)])
+    return best
 
 
 def bench_layer(layer, queue, repeats, batch=None, with_torch=True, seed=0,
@@ -148,17 +168,19 @@ def bench_layer(layer, queue, repeats, batch=None, with_torch=True, seed=0,
     operands, out_shape, reference = test_case(problem, operation,
                                                np.random.default_rng(seed))
     inputs = [cl_array.to_device(queue, a) for a in operands]
-    untuned_ms, y_untuned = time_device(problem, queue, operation, inputs, out_shape, repeats,
-                                        mode="off")
-    ms, y = time_device(problem, queue, operation, inputs, out_shape, repeats)
+    untuned, y_untuned = device_timer(problem, queue, operation, inputs, out_shape, mode="off")
+    tuned, y = device_timer(problem, queue, operation, inputs, out_shape)
+    timers = [untuned, tuned, end_to_end_timer(problem, queue, operation, operands)]
+    torch_call = torch_timer(problem, operation, operands) if with_torch else None
+    untuned_ms, ms, e2e_ms, *torch_ms = interleaved_best(
+        timers + ([torch_call] if torch_call else []), repeats)
     check = Check(problem, reference, *operands)
-    max_error = max(check.error(y_untuned), check.error(y))
-    e2e_ms = time_end_to_end(problem, queue, operation, operands, repeats)
-    torch_ms = time_torch(problem, operation, operands, repeats) if with_torch else None
+    max_error = max(check.error(y_untuned.get()), check.error(y.get()))
     megabytes = (sum(a.nbytes for a in operands)
                  + np.prod(out_shape) * problem.numpy_dtype.itemsize) / 1e6
     return Row(layer["name"], operation, describe(problem), problem.flops / 1e9,
-               float(megabytes), untuned_ms, ms, e2e_ms, max_error, torch_ms, peak_gflops)
+               float(megabytes), untuned_ms, ms, e2e_ms, max_error,
+               torch_ms[0] if torch_ms else None, peak_gflops)
 
 
 def geomean(values):

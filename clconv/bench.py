@@ -6,11 +6,11 @@ three ways: on the device with the heuristic configuration (untuned) and with th
 the operands already on the device; and end to end, NumPy in and out through the public
 functions (upload, launch, download), by wall clock. torch's CPU convolution (F.conv2d,
 torch.nn.grad.conv2d_input / conv2d_weight), when installed, is timed in the same run by
-wall clock. Every figure is the best of the repeats, taken in rounds where each column runs
-once in turn, so that a noisy spell of a shared machine hits all of a row's columns and not
-one (on this machine a layer's own times moved up to 2x for seconds at a time), and torch's
-thread pool was seen to stall ~30 ms on some calls, which poisons medians. GFLOP/s is also shown as a
-share of the device's FMA peak (clconv.peak), and as GB/s of the operands and the result
+wall clock. Every figure is the best of the repeats, taken in rounds where the columns run
+a few calls each in turn (interleaved_best), so that a noisy spell of a shared machine hits
+all of a row's columns and not one (on this machine a layer's own times moved up to 2x for
+seconds at a time); torch's thread pool was seen to stall ~30 ms on some calls, which
+poisons medians. GFLOP/s is also shown as a share of the device's FMA peak (clconv.peak), and as GB/s of the operands and the result
 (the measure for memory-bound layers such as depthwise ones). Every result is checked
 against the NumPy reference.
 """
@@ -150,8 +150,8 @@ def interleaved_best(timers, repeats, burst=5):
     """The best ms of each timer over about repeats calls, made in rounds where the timers
     take turns, burst calls each: a noisy spell of a shared machine then hits every column
     of a row, not just one, and the calls after a switch are clear of the previous
-    library's threads still spinning (torch's right after clconv's, and the reverse, were
-    both ~1.5x slower)."""
+    library's threads still spinning (with one call each, resnext's clconv and torch times
+    were 1.5x and 2.8x their usual)."""
     best = [math.inf] * len(timers)
     for _ in range(-(-repeats // burst)):
         for i, timer in enumerate(timers):

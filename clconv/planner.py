@@ -3,8 +3,9 @@
 Tuned entries come first (autotune: the user's cache, then shipped databases; in mode 'on' an
 untuned problem is tuned here, at its first use), else the algorithm's heuristic. A plan is
 memoised per (problem, context, device, tuning mode, Winograd opt-in), so a repeated call is
-one dict look-up. Kernels take the batch size as an argument, so a built launch is shared by every batch size that
-chose the same configuration (while its indices fit the same integer type).
+one dict look-up. Kernels take the batch size as an argument, so a built launch is shared by
+every batch size that chose the same configuration (while its indices fit the same integer
+type).
 """
 from __future__ import annotations
 

@@ -130,8 +130,8 @@ def register_tile(algorithm, tk, tv, tw, **extra):
 
 def gemm_variants():
     """The implicit GEMM forward: staged grids under every padding mode (a strided 1x1's
-    sampled grid, strided kernels' phase planes), unstaged inputs whose last tiles read lane by lane, dense and gapped
-    output grids, every vector width, dtypes and the epilogue."""
+    sampled grid, strided kernels' phase planes), unstaged inputs whose last tiles read lane
+    by lane, dense and gapped output grids, every vector width, dtypes and the epilogue."""
     def gemm(tk, tv, tw, **extra):
         return register_tile("implicit_gemm", tk, tv, tw, **extra)
     for mode in ("zeros", "reflect", "replicate", "circular"):

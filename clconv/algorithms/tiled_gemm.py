@@ -3,7 +3,7 @@ work-group stages a weight tile and an input tile of the implicit GEMM's grid in
 memory and every work-item accumulates a small block of outputs from there."""
 from __future__ import annotations
 
-from .base import Param, acc_itemsize, pow2_at_most, work_group_problem
+from .base import Param, acc_itemsize, fitting_work_group, pow2_at_most, work_group_problem
 from .implicit_gemm import ImplicitGemm, phases, positions, staged
 
 # The most accumulators per work-item (registers, not local memory, hold them).
@@ -39,7 +39,7 @@ class TiledGemm(ImplicitGemm):
         if (mwg // mdim) * (nwg // ndim) > MOST_OUTPUTS_PER_ITEM:
             return (f"(mwg/mdim)*(nwg/ndim) outputs per work-item exceed "
                     f"{MOST_OUTPUTS_PER_ITEM}")
-        if config["cib"] > max(1, pow2_at_most(problem.cin_per_group)):
+        if config["cib"] > pow2_at_most(problem.cin_per_group):
             return "cib exceeds the input channels per group"
         local = local_bytes(problem, config)
         if local > info.local_mem_size:
@@ -51,14 +51,11 @@ class TiledGemm(ImplicitGemm):
     def default_config(self, problem, info):
         # 64 x 64 outputs in 16 x 16 work-items (4 x 4 each), as GEMMs on GPUs commonly
         # start; chunks of about CHUNK_K values of K; smaller when the device needs it.
+        ndim, mdim, _ = fitting_work_group((16, 16, 1), info)
         config = {"mwg": 64 if problem.cout_per_group > 32 else 32, "nwg": 64,
-                  "mdim": 16, "ndim": 16,
-                  "cib": min(max(1, pow2_at_most(CHUNK_K // self.taps(problem))),
+                  "mdim": mdim, "ndim": ndim,
+                  "cib": min(pow2_at_most(CHUNK_K // self.taps(problem)),
                              pow2_at_most(problem.cin_per_group))}
-        while (work_group_problem((config["ndim"], config["mdim"], 1), info)
-               and config["mdim"] > 4):
-            config["mdim"] //= 2
-            config["ndim"] //= 2
         while local_bytes(problem, config) > info.local_mem_size and config["cib"] > 1:
             config["cib"] //= 2
         return config

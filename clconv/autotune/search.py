@@ -1,8 +1,8 @@
 """The tuner: for one problem on one device, find the fastest correct configuration.
 
 Candidates are every algorithm that applies and suits the device, with every combination of
-its declared parameter values that its constraints accept on this device. A small space is tried
-exhaustively; a large one by random sampling, then hill-climbing over neighbouring parameter
+its declared parameter values that its constraints accept on this device. A small space is
+tried exhaustively; a large one by random sampling, then hill-climbing over neighbouring parameter
 values around the best so far (and sampling again when that is exhausted). Each candidate is
 built, run once (warm-up; its output, written over NaNs, must match the NumPy reference or it
 is out), then timed by OpenCL profiling events: the median of the repeats. A candidate that

@@ -5,15 +5,14 @@
 ## Global range: (channels, splits).
 <%namespace name="c" file="common.cl.mako"/>\
 <%
-    full = plane - plane % tw
+    full = plane_vectors.whole
     accv = acc_t + (str(tw) if tw > 1 else '')
-    out_t = acc_t if splits > 1 else storage_t
 %>\
 ${c.header(storage_t, acc_t)}
 typedef ${idx_t} idx_t;
 
-__kernel void conv2d_bias_grad(__global const ${storage_t} * restrict dy, const idx_t dy_off,
-                               __global ${out_t} * restrict db, const int batch)
+__kernel void conv2d_bias_grad(
+    ${parameters})
 {
     const int k = get_global_id(0);
     const int split = get_global_id(1);

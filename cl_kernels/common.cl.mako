@@ -44,14 +44,12 @@ ${', '.join('(%s)[(%s) + %d] = %s' % (p, i, j, capture(lane, v, n, j)) for j in 
 
 ## Map a coordinate in the padded input (may be negative or past the end) to the input
 ## coordinate that torch's padding mode reads there, clamped into the input so that lanes past
-## the output's end (which are never stored) still read in bounds. For 'zeros' the caller
-## masks the value out. (Reflection negates through mad24: a plain -i here was turned into
-## llvm.abs, which Oclgrind 21.10 cannot run.)
+## the output's end (which are never stored) still read in bounds. 'replicate' is the clamp
+## itself; callers handle 'zeros' first (they mask the value out). (Reflection negates
+## through mad24: a plain -i here was turned into llvm.abs, which Oclgrind 21.10 cannot run.)
 <%def name="padded_index(mode, i, size)">\
 % if mode == 'reflect':
 clamp(${i} < 0 ? mad24(${i}, -1, 0) : (${i} >= ${size} ? ${2 * size - 2} - (${i}) : (${i})), 0, ${size - 1})\
-% elif mode == 'replicate':
-clamp(${i}, 0, ${size - 1})\
 % elif mode == 'circular':
 clamp(${i} < 0 ? (${i}) + ${size} : (${i} >= ${size} ? (${i}) - ${size} : (${i})), 0, ${size - 1})\
 % else:

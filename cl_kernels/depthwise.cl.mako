@@ -17,8 +17,7 @@
     PT, PB, PL, PR = pad
     KHW = KH * KW
     M = cout_g                                  # output channels per input channel
-    row_blocks = -(-h_out // rows)
-    tiles = -(-w_out // tw)
+    tiles = column_tiles.count
     accv = acc_t + (str(tw) if tw > 1 else '')
     even_loads = SW == 2 and tw > 1             # two vector loads, then their even lanes
     # Input elements a vector load reads from a tile's first input column, over all taps.
@@ -114,20 +113,11 @@ ${c.load_vec(storage_t, tw, 'xr', 'iw0 + kw * %d' % DW)}\
 </%def>
 
 __kernel void depthwise(
-    __global const ${storage_t} * restrict x, const idx_t x_off,
-    __global const ${storage_t} * restrict w, const idx_t w_off,
-% if has_bias:
-    __global const ${storage_t} * restrict b, const idx_t b_off,
-% endif
-% if has_residual:
-    __global const ${storage_t} * restrict res, const idx_t res_off,
-% endif
-    __global ${storage_t} * restrict y, const idx_t y_off,
-    const int batch)
+    ${parameters})
 {
     const int rb = get_global_id(0);
     const int nk = get_global_id(1);
-    if (rb >= ${row_blocks} || nk >= batch * ${cout})
+    if (rb >= ${row_blocks.count} || nk >= batch * ${cout})
         return;
     const int n = nk / ${cout};
     const int k = nk - n * ${cout};

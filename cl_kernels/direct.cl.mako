@@ -14,10 +14,8 @@
     DH, DW = dilation
     PT, PB, PL, PR = pad
     KHW = KH * KW
-    k_blocks = -(-cout_g // tk)
-    w_tiles = -(-w_out // tw)
-    ragged_k = cout_g % tk != 0
-    ragged_w = w_out % tw != 0
+    k_blocks, ragged_k = channel_blocks.count, channel_blocks.ragged
+    w_tiles, ragged_w = column_tiles.count, column_tiles.ragged
     accv = acc_t + (str(tw) if tw > 1 else '')
     last_col = (tw - 1) * SW + (KW - 1) * DW   # offset of the tile's last input column
 %>\
@@ -77,16 +75,7 @@ ${c.epilogue_store(storage_t, activation, has_residual, 'acc%d' % t if n == tw e
 </%def>
 
 __kernel void conv2d_direct(
-    __global const ${storage_t} * restrict x, const idx_t x_off,
-    __global const ${storage_t} * restrict w, const idx_t w_off,
-% if has_bias:
-    __global const ${storage_t} * restrict b, const idx_t b_off,
-% endif
-% if has_residual:
-    __global const ${storage_t} * restrict res, const idx_t res_off,
-% endif
-    __global ${storage_t} * restrict y, const idx_t y_off,
-    const int batch)
+    ${parameters})
 {
     const int tile = get_global_id(0);
     const int row = get_global_id(1);

@@ -32,8 +32,8 @@ typedef ${idx_t} idx_t;
 % endif
 </%def>
 
-__kernel void fold_padding(__global const ${acc_t} * restrict dxp,
-                           __global ${storage_t} * restrict dx, const idx_t dx_off)
+__kernel void fold_padding(
+    ${parameters})
 {
     const int iw = get_global_id(0);
     const int ih = get_global_id(1);

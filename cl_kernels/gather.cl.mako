@@ -2,8 +2,8 @@
 ## unsigned integer of the element's size, so any dtype travels unchanged).
 ## Shape and strides (in elements) are constants of the view. The NDRange covers the last
 ## three dimensions and each work-item walks the first, so no index needs a division.
-__kernel void gather4d(__global const ${word_t} *src, const long src_off,
-                       __global ${word_t} *dst)
+__kernel void gather4d(
+    ${parameters})
 {
     const long i3 = get_global_id(0), i2 = get_global_id(1), i1 = get_global_id(2);
     const long from = src_off + i1 * ${strides[1]}L + i2 * ${strides[2]}L + i3 * ${strides[3]}L;

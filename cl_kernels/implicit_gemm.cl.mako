@@ -15,22 +15,16 @@
 <%namespace name="c" file="common.cl.mako"/>\
 <%
     KH, KW = kernel_size
-    DH, DW = dilation
-    SH, SW = stride
-    NPH, NPW = phases
+    NPH, NPW = grid.phases
     KHW = KH * KW
     T = tv * tw                                 # grid positions per work-item
-    plane = rows * cols                         # one phase plane of the read grid
-    ends = (h_out - 1) * cols + w_out           # grid positions up to the last output
-    tiles = -(-ends // T)
-    k_blocks = -(-cout_g // tk)
-    ragged_k = cout_g % tk != 0
-    reach = (KH - 1) * DH // SH * cols + (KW - 1) * DW // SW   # the farthest tap's offset
+    plane, cols, ends, reach = grid.plane, grid.cols, grid.positions, grid.reach
+    tiles = grid.tiles
+    k_blocks, ragged_k = channel_blocks.count, channel_blocks.ragged
     # A tap's offset: its phase plane, then its place in that plane. Even steps (no phases)
     # are a product in the kernel, else a table (run-time % and / by the stride compile to an
     # instruction Oclgrind cannot check).
-    tap_rows = [(kh * DH % SH * NPW) * plane + kh * DH // SH * cols for kh in range(KH)]
-    tap_cols = [(kw * DW % SW) * plane + kw * DW // SW for kw in range(KW)]
+    tap_rows, tap_cols = list(grid.tap_rows), list(grid.tap_cols)
 
     def tap_term(name, table, var):
         step = table[1] if len(table) > 1 else 0
@@ -84,16 +78,7 @@ __constant int ${name}[${len(table)}] = {${', '.join(map(str, table))}};
 </%def>
 
 __kernel void implicit_gemm(
-    __global const ${storage_t} * restrict x, const idx_t x_off,
-    __global const ${storage_t} * restrict w, const idx_t w_off,
-% if has_bias:
-    __global const ${storage_t} * restrict b, const idx_t b_off,
-% endif
-% if has_residual:
-    __global const ${storage_t} * restrict res, const idx_t res_off,
-% endif
-    __global ${storage_t} * restrict y, const idx_t y_off,
-    const int batch)
+    ${parameters})
 {
     const int tile = get_global_id(0);
     const int kb = get_global_id(1);

@@ -17,13 +17,9 @@
     SH, SW = stride
     DH, DW = dilation
     KHW = KH * KW
-    c_blocks = -(-cin_g // tc)
-    s_tiles = -(-cols // tw)
-    ragged_c = cin_g % tc != 0
-    ragged_s = cols % tw != 0
+    c_blocks, ragged_c = channel_blocks.count, channel_blocks.ragged
+    s_tiles, ragged_s = column_tiles.count, column_tiles.ragged
     accv = acc_t + (str(tw) if tw > 1 else '')
-    # The padded plane is kept in acc_t, so half rounds once, after fold_padding's sum.
-    out_t = acc_t if padded_target else storage_t
 %>\
 ${c.header(storage_t, acc_t)}
 typedef ${idx_t} idx_t;
@@ -71,10 +67,7 @@ typedef ${idx_t} idx_t;
 </%def>
 
 __kernel void conv2d_input_grad(
-    __global const ${storage_t} * restrict dy, const idx_t dy_off,
-    __global const ${storage_t} * restrict w, const idx_t w_off,
-    __global ${out_t} * restrict dx, const idx_t dx_off,
-    const int batch)
+    ${parameters})
 {
     const int tile = get_global_id(0);
     const int row = get_global_id(1);

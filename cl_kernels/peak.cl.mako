@@ -2,7 +2,8 @@
 ## (PoCL turns these into FMA instructions; its fma()/mad() builtins were ~10x slower).
 <%namespace name="c" file="common.cl.mako"/>\
 <% vt = 'float%d' % width if width > 1 else 'float' %>\
-__kernel void fma_peak(__global float *out, const float a, const float b, const int iters)
+__kernel void fma_peak(
+    ${parameters})
 {
 % for i in range(chains):
     ${vt} x${i} = (${vt})(get_global_id(0) + ${i});

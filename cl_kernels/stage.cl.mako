@@ -12,8 +12,9 @@
 <%namespace name="c" file="common.cl.mako"/>\
 <%
     SH, SW = stride
-    NPH, NPW = phases
+    NPH, NPW = grid.phases
     PT, PL = pad_top, pad_left
+    rows, rows_total, cols = grid.used_rows, grid.rows, grid.cols
 
     def inside(b):
         """The columns j of column phase b whose input column j * SW + b - PL is inside the
@@ -25,8 +26,7 @@
 ${c.header(storage_t, acc_t)}
 typedef ${idx_t} idx_t;
 
-__kernel void stage(__global const ${storage_t} * restrict x, const idx_t x_off,
-                    __global ${storage_t} * restrict xs, const idx_t xs_off, const int batch)
+__kernel void stage(${parameters})
 {
     const int r = get_global_id(0);
     const int nc = get_global_id(1);

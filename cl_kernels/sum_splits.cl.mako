@@ -4,8 +4,8 @@
 ${c.header(storage_t, acc_t)}
 typedef ${idx_t} idx_t;
 
-__kernel void sum_splits(__global const ${acc_t} * restrict partial,
-                         __global ${storage_t} * restrict out, const idx_t out_off)
+__kernel void sum_splits(
+    ${parameters})
 {
     const idx_t i = get_global_id(0);
     if (i >= ${count})

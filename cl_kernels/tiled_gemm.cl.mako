@@ -12,27 +12,20 @@
 <%namespace name="c" file="common.cl.mako"/>\
 <%
     KH, KW = kernel_size
-    DH, DW = dilation
-    SH, SW = stride
-    NPH, NPW = phases
+    NPH, NPW = grid.phases
     KHW = KH * KW
     KWG = cib * KHW                             # K values per chunk
     MWI, NWI = mwg // mdim, nwg // ndim         # outputs per work-item
     WGS = mdim * ndim
-    plane = rows * cols
-    channel_stride = NPH * NPW * plane          # one input channel's planes
-    ends = (h_out - 1) * cols + w_out           # grid positions up to the last output
-    m_blocks = -(-cout_g // mwg)
+    plane, cols, ends = grid.plane, grid.cols, grid.positions
+    channel_stride = grid.channel_stride        # one input channel's planes
+    m_blocks = channel_blocks.count
     chunks = -(-cin_g // cib)
     # Each K value of a chunk: its input channel within the chunk and its tap's offset
-    # within the channel's planes (as in implicit_gemm.cl.mako), as tables so that the loads
-    # need no run-time division by KH * KW.
+    # within the channel's planes, as tables so that the loads need no run-time division by
+    # KH * KW.
     k_channel = [k // KHW for k in range(KWG)]
-    k_tap = []
-    for k in range(KWG):
-        kh, kw = k % KHW // KW, k % KW
-        k_tap.append((kh * DH % SH * NPW + kw * DW % SW) * plane
-                     + kh * DH // SH * cols + kw * DW // SW)
+    k_tap = [grid.tap_rows[k % KHW // KW] + grid.tap_cols[k % KW] for k in range(KWG)]
     # Loads per work-item: the weight tile by (channel ty + i * mdim, K tx + j * ndim), the
     # input tile by (K ty + i * mdim, position tx + j * ndim).
     w_k_steps = -(-KWG // ndim)
@@ -45,16 +38,7 @@ __constant int k_tap[${KWG}] = {${', '.join(map(str, k_tap))}};
 
 __kernel __attribute__((reqd_work_group_size(${ndim}, ${mdim}, 1)))
 void tiled_gemm(
-    __global const ${storage_t} * restrict x, const idx_t x_off,
-    __global const ${storage_t} * restrict w, const idx_t w_off,
-% if has_bias:
-    __global const ${storage_t} * restrict b, const idx_t b_off,
-% endif
-% if has_residual:
-    __global const ${storage_t} * restrict res, const idx_t res_off,
-% endif
-    __global ${storage_t} * restrict y, const idx_t y_off,
-    const int batch)
+    ${parameters})
 {
     __local ${acc_t} wl[${KWG}][${mwg}];
     __local ${acc_t} xl[${KWG}][${nwg}];
@@ -100,7 +84,7 @@ void tiled_gemm(
                 __global const ${storage_t} *xc = xg + (idx_t)min(ci, ${cin_g - 1}) * ${channel_stride};
 % for j in range(NWI):
 <% pos = 'p0 + tx + %d + k_tap[k]' % (j * ndim) %>\
-% if staged:
+% if grid.staged:
                 xl[k][tx + ${j * ndim}] = ci < ${cin_g} ? LOAD(xc, ${pos}) : (${acc_t})0;
 % else:
 ## Unstaged, the last tiles reach past the input: clamped there (those positions are never

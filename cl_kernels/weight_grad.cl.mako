@@ -15,11 +15,9 @@
     DH, DW = dilation
     PT, PB, PL, PR = pad
     KHW = KH * KW
-    k_blocks = -(-cout_g // tk)
-    ragged_k = cout_g % tk != 0
-    full_cols = w_out - w_out % tw      # columns covered by whole vectors
+    k_blocks, ragged_k = channel_blocks.count, channel_blocks.ragged
+    full_cols = column_vectors.whole    # columns covered by whole vectors
     accv = acc_t + (str(tw) if tw > 1 else '')
-    out_t = acc_t if splits > 1 else storage_t
 %>\
 ${c.header(storage_t, acc_t)}
 typedef ${idx_t} idx_t;
@@ -42,10 +40,7 @@ ${c.load_vec(storage_t, tw, 'xr', 'iw0')}\
 </%def>
 
 __kernel void conv2d_weight_grad(
-    __global const ${storage_t} * restrict x, const idx_t x_off,
-    __global const ${storage_t} * restrict dy, const idx_t dy_off,
-    __global ${out_t} * restrict dw, const idx_t dw_off,
-    const int batch)
+    ${parameters})
 {
     const int ckk = get_global_id(0);
     const int kb = get_global_id(1);

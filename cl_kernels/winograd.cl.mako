@@ -8,20 +8,25 @@
 ## Tiles p run over the whole batch (n, tile row, tile column), so a small image still fills
 ## the GEMM's vectors. Each V and M row holds P = batch * tiles values, padded with zeros to
 ## `ppad`, a multiple of the GEMM's tile. V and M are in acc_t: the transforms round once.
-## The 16 planes of U, V and M lie `plane_align * k + plane_skew` elements apart, so that a
-## work-item's 16 streams fall in different cache sets (planes a power of two apart thrashed
-## one set: the weight transform of a 512x512 layer took 5 ms).
+## The 16 planes of U, V and M lie `plane_align * k + plane_skew` elements apart (the
+## layout's), so that a work-item's 16 streams fall in different cache sets (planes a power
+## of two apart thrashed one set: the weight transform of a 512x512 layer took 5 ms).
+##
+## The layout is winograd.py's `layout` (WinogradLayout): this template only reads it. U's
+## plane stride is rendered; the batch's ppad and the V and M plane strides (vplane, mplane)
+## are kernel arguments, computed from the same layout at launch. Each build renders one
+## kernel, `entry`, whose parameter list is the `parameters` winograd.py declares for it.
 ##
 ## 2.25x fewer multiplies than the direct form, but different rounding, and an inf or NaN
 ## spreads through the tile's transform to all four outputs of the tile: opt-in only.
 <%namespace name="c" file="common.cl.mako"/>\
 <%
     PT, PB, PL, PR = pad
-    TH, TW = -(-h_out // 2), -(-w_out // 2)     # output tiles per image
-    TILES = TH * TW
-    T = tv * tw
-    k_blocks = -(-cout_g // tk)
-    ragged_k = cout_g % tk != 0
+    TH, TW = layout.tile_rows, layout.tile_cols     # output tiles per image
+    TILES = layout.tiles
+    T = layout.tile                                 # the GEMM's positions per work-item
+    UPLANE = layout.uplane
+    k_blocks, ragged_k = channel_blocks.count, channel_blocks.ragged
     accv = acc_t + (str(tw) if tw > 1 else '')
     half = '(%s)0.5' % acc_t
 
@@ -61,16 +66,12 @@
 ${c.header(storage_t, acc_t)}
 typedef ${idx_t} idx_t;
 
-## The tiles of the whole batch, padded to the GEMM's tile; the stride of planes of n values.
-#define TILES_PADDED(batch) (((idx_t)(batch) * ${TILES} + ${T - 1}) / ${T} * ${T})
-#define PLANE(n) (((idx_t)(n) + ${plane_align - 1}) / ${plane_align} * ${plane_align} + ${plane_skew})
-
-__kernel void winograd_weights(__global const ${storage_t} * restrict w, const idx_t w_off,
-                               __global ${acc_t} * restrict u, const idx_t u_off,
-                               const int batch)
+% if entry == 'winograd_weights':
+__kernel void winograd_weights(
+    ${parameters})
 {
     const int kc = get_global_id(0);       // k * cin_g + c
-    if (kc >= ${cout * cin_g})
+    if (kc >= ${layout.filters})
         return;
     __global const ${storage_t} *f = w + w_off + (idx_t)kc * 9;
 % for a in range(3):
@@ -81,10 +82,11 @@ __kernel void winograd_weights(__global const ${storage_t} * restrict w, const i
 ${transform2d(G, 'gt', 'g', 'ug', scale_rows=(1, 2))}
 % for i in range(4):
 % for j in range(4):
-    u[u_off + PLANE(${cout * cin_g}) * ${4 * i + j} + kc] = ug${i}${j};
+    u[u_off + (idx_t)${UPLANE} * ${4 * i + j} + kc] = ug${i}${j};
 % endfor
 % endfor
 }
+% endif
 
 ## One work-item: one tile row of one (image, channel), tile by tile. The tiles wholly inside
 ## the input columns load plainly; the border ones map columns through the padding mode.
@@ -108,9 +110,9 @@ ${transform2d(BT, 'dt', 'd', 'v')}
 % endfor
 </%def>
 
-__kernel void winograd_input(__global const ${storage_t} * restrict x, const idx_t x_off,
-                             __global ${acc_t} * restrict v, const idx_t v_off,
-                             const int batch)
+% if entry == 'winograd_input':
+__kernel void winograd_input(
+    ${parameters})
 {
     const int th = get_global_id(0);
     const int nc = get_global_id(1);
@@ -118,8 +120,6 @@ __kernel void winograd_input(__global const ${storage_t} * restrict x, const idx
         return;
     const int n = nc / ${cin};
     const int ci = nc - n * ${cin};
-    const idx_t ppad = TILES_PADDED(batch);
-    const idx_t vplane = PLANE(${cin} * ppad);
     __global const ${storage_t} *xc = x + x_off + (idx_t)nc * ${height * width};
 % for r in range(4):
     const int ihp${r} = th * 2 + ${r - PT};
@@ -153,25 +153,23 @@ ${input_tile(inside)}
         }
     }
 }
+% endif
 
-__kernel void winograd_gemm(__global const ${acc_t} * restrict u, const idx_t u_off,
-                            __global const ${acc_t} * restrict v, const idx_t v_off,
-                            __global ${acc_t} * restrict m, const idx_t m_off,
-                            const int batch)
+% if entry == 'winograd_gemm':
+__kernel void winograd_gemm(
+    ${parameters})
 {
     const int tile = get_global_id(0);
     const int kb = get_global_id(1);
     const int xi = get_global_id(2);
-    const idx_t ppad = TILES_PADDED(batch);
     if (tile >= ppad / ${T} || kb >= ${groups * k_blocks} || xi >= 16)
         return;
-    const idx_t vplane = PLANE(${cin} * ppad), mplane = PLANE(${cout} * ppad);
     const int g = kb / ${k_blocks};
     const int k0 = (kb - g * ${k_blocks}) * ${tk};
     const idx_t p0 = (idx_t)tile * ${T};
     __global const ${acc_t} *vg = v + v_off + vplane * xi + (idx_t)(g * ${cin_g}) * ppad + p0;
 % for t in range(tk):
-    __global const ${acc_t} *u${t} = u + u_off + PLANE(${cout * cin_g}) * xi + (g * ${cout_g} + ${'min(k0 + %d, %d)' % (t, cout_g - 1) if ragged_k else 'k0 + %d' % t}) * ${cin_g};
+    __global const ${acc_t} *u${t} = u + u_off + (idx_t)${UPLANE} * xi + (g * ${cout_g} + ${'min(k0 + %d, %d)' % (t, cout_g - 1) if ragged_k else 'k0 + %d' % t}) * ${cin_g};
 % for j in range(tv):
     ${accv} acc${t}_${j} = (${accv})0;
 % endfor
@@ -197,16 +195,11 @@ __kernel void winograd_gemm(__global const ${acc_t} * restrict u, const idx_t u_
     }
 % endfor
 }
+% endif
 
-__kernel void winograd_output(__global const ${acc_t} * restrict m, const idx_t m_off,
-% if has_bias:
-                              __global const ${storage_t} * restrict b, const idx_t b_off,
-% endif
-% if has_residual:
-                              __global const ${storage_t} * restrict res, const idx_t res_off,
-% endif
-                              __global ${storage_t} * restrict y, const idx_t y_off,
-                              const int batch)
+% if entry == 'winograd_output':
+__kernel void winograd_output(
+    ${parameters})
 {
     const int th = get_global_id(0);
     const int nk = get_global_id(1);
@@ -214,8 +207,6 @@ __kernel void winograd_output(__global const ${acc_t} * restrict m, const idx_t 
         return;
     const int n = nk / ${cout};
     const int k = nk - n * ${cout};
-    const idx_t ppad = TILES_PADDED(batch);
-    const idx_t mplane = PLANE(${cout} * ppad);
     __global const ${acc_t} *mk = m + m_off + (idx_t)k * ppad + (idx_t)(n * ${TH} + th) * ${TW};
 % if has_bias:
     const ${acc_t} bias = LOAD(b, b_off + k);
@@ -242,3 +233,4 @@ ${transform2d(AT, 'mt', 'm', 'o')}
 % endfor
     }
 }
+% endif

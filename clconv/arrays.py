@@ -6,12 +6,14 @@ array is first gathered into a contiguous one on the device, never through the h
 from __future__ import annotations
 
 import numpy as np
-import pyopencl as cl
 import pyopencl.array as cl_array
 
 from . import programs
 
 WORD_TYPES = {1: "uchar", 2: "ushort", 4: "uint", 8: "ulong"}
+# gather4d: a device array's words, read by its strides, into a contiguous one.
+GATHER_ARGS = (programs.Buffer("src", "word_t", restrict=False, offset_t="long"),
+               programs.Buffer("dst", "word_t", const=False, offset=False, restrict=False))
 
 def is_device_array(a):
     return isinstance(a, cl_array.Array)
@@ -56,9 +58,8 @@ def gather_contiguous(queue, a):
     shape = (1,) * pad + tuple(a.shape)
     strides = (0,) * pad + tuple(s // itemsize for s in a.strides)
     out = empty(queue, a.shape, a.dtype)
-    source = programs.render("gather.cl.mako", word_t=WORD_TYPES[itemsize], shape=shape,
-                             strides=strides)
-    kernel = cl.Kernel(programs.program(queue.context, source), "gather4d")
-    out.add_event(kernel(queue, shape[:0:-1], None, a.base_data,
-                         np.int64(a.offset // itemsize), out.base_data, wait_for=a.events))
+    kernel = programs.kernel(queue.context, "gather.cl.mako", "gather4d", GATHER_ARGS,
+                             word_t=WORD_TYPES[itemsize], shape=shape, strides=strides)
+    out.add_event(kernel(queue, shape[:0:-1], None, a.base_data, a.offset // itemsize,
+                         out.base_data, wait_for=a.events))
     return out

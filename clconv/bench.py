@@ -25,11 +25,12 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pyopencl.array as cl_array
 
-from . import autotune, gradients, options, peak, planner
+from . import gradients, options, peak, planner
 from .device import device_info
-from .functional import check_device_limits, conv2d
+from .functional import conv2d
+from .limits import check_device_limits
 from .reference import TOLERANCE, Check, test_case
-from .suites import layer_problem, load_suite
+from .suites import describe, geomean, layer_problem, load_suite
 
 OPERATIONS = ("forward", "input_grad", "weight_grad")
 
@@ -77,21 +78,11 @@ class Row:
         return self.untuned_ms / self.ms
 
 
-def describe(p):
-    (kh, kw), (sh, sw) = p.kernel_size, p.stride
-    text = f"{p.batch}x{p.in_channels}x{p.height}x{p.width} k{kh}x{kw} s{sh}x{sw}"
-    if p.dilation != (1, 1):
-        text += f" d{p.dilation[0]}x{p.dilation[1]}"
-    if p.groups != 1:
-        text += f" g{p.groups}"
-    return text + f" -> {p.out_channels}"
-
-
 def device_timer(problem, queue, operation, inputs, out_shape, mode=None):
     """(timer, y): timer() runs the plan under a tuning mode (None: the configured one) once
     on the device operands (inputs) and returns its device ms (profiling events); y holds the
     output."""
-    with autotune.mode_set_to(mode or autotune.mode()):
+    with options.tuning_mode_set_to(mode or options.tuning_mode()):
         launch = planner.plan(problem, queue, operation)
     y = cl_array.empty(queue, out_shape, problem.numpy_dtype)
     args = ([(a.base_data, 0) for a in inputs], (y.base_data, 0), problem.batch)
@@ -183,11 +174,6 @@ def bench_layer(layer, queue, repeats, batch=None, with_torch=True, seed=0,
                torch_ms[0] if torch_ms else None, peak_gflops)
 
 
-def geomean(values):
-    values = [v for v in values if v]
-    return float(np.exp(np.mean(np.log(values)))) if values else None
-
-
 COLUMNS = [  # header, width, value of a row (None: not shown without torch)
     ("layer", -32, lambda r: r.name), ("operation", -11, lambda r: r.operation),
     ("shape", -38, lambda r: r.shape), ("GFLOP", 7, lambda r: f"{r.gflop:.3f}"),
@@ -264,7 +250,7 @@ def main(queue, suite=None, only=None, batch=None, repeats=10, with_torch=True, 
     info = device_info(queue.device)
     measured = peak.measure(queue)
     print(f"clconv bench: {info.name} ({info.platform}, driver {info.driver_version}); "
-          f"{torch_note}; float32; best of {repeats} runs each; tuning mode {autotune.mode()}; "
+          f"{torch_note}; float32; best of {repeats} runs each; tuning mode {options.tuning_mode()}; "
           f"Winograd {'allowed' if options.allow_winograd() else 'off'}; "
           f"FMA peak {measured.gflops:.1f} GFLOP/s", file=out)
     table = format_table([], with_torch).splitlines()
@@ -289,7 +275,7 @@ def main(queue, suite=None, only=None, batch=None, repeats=10, with_torch=True, 
     if json_path:
         record = {"device": {"name": info.name, "platform": info.platform,
                              "driver_version": info.driver_version},
-                  "torch": torch_version, "repeats": repeats, "tuning_mode": autotune.mode(),
+                  "torch": torch_version, "repeats": repeats, "tuning_mode": options.tuning_mode(),
                   "allow_winograd": options.allow_winograd(),
                   "peak": {"gflops": measured.gflops, "width": measured.width,
                            "chains": measured.chains},

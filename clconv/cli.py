@@ -4,8 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import autotune, options, programs
-from .autotune import cache
+from . import algorithms, options, programs, store
 from .device import NoDeviceError, all_devices, choose_device, device_info, queue_for
 
 
@@ -37,20 +36,22 @@ def cmd_info(args):
                   f"{'yes' if info.fp64 else 'no'}; float16 works either way (half storage, "
                   "float32 arithmetic)")
     print("* = the device clconv uses (CLCONV_DEVICE=substring or --device to choose)")
-    print(f"kernel sources {programs.sources_hash()} in {programs.kernels_dir()}")
+    print(f"kernel sources {programs.sources_hash()} in {programs.kernels_dir()}; per "
+          "algorithm (what its tuned entries are keyed by): " + ", ".join(
+              f"{name} {store.sources_of(name)}" for name in algorithms.ALGORITHMS))
     info = device_info(chosen)
-    path = cache.cache_path(info)
-    print(f"tuning mode {autotune.mode()} (CLCONV_TUNE); cache {path}: "
-          f"{len(cache.cache_entries(info))} problems tuned for this device"
+    path = store.cache_path(info)
+    print(f"tuning mode {options.tuning_mode()} (CLCONV_TUNE); cache {path}: "
+          f"{len(store.cache_entries(info))} problems tuned for this device"
           f"{'' if path.exists() else ' (no file yet)'}")
     print(f"Winograd F(2x2,3x3): {'allowed' if options.allow_winograd() else 'off'} "
           "(opt-in: CLCONV_ALLOW_WINOGRAD=1 or clconv.set_allow_winograd(True))")
-    stale = cache.other_cache_files(info)
+    stale = store.other_cache_files(info)
     if stale:
-        print(f"      {len(stale)} older cache file(s) of this device, from another driver or "
-              "kernel version, are ignored")
-    print(f"shipped tuning databases: {len(cache.database_entries(info))} problems match this "
-          f"device ({cache.databases_dir()})")
+        print(f"      {len(stale)} older cache file(s) of this device, from another driver or an "
+              "older clconv, are ignored")
+    print(f"shipped tuning databases: {len(store.database_entries(info))} problems match this "
+          f"device ({store.databases_dir()})")
     return 0
 
 
@@ -71,11 +72,11 @@ def cmd_bench(args):
 
 
 def cmd_tune(args):
-    from .autotune import suite
-    budget = autotune.check_budget(args.budget)
+    from . import tune_suite
+    budget = options.check_budget(args.budget)
     if args.batch is not None and args.batch < 1:
         raise ValueError(f"--batch must be positive, got {args.batch}")
-    _, ok = suite.main(queue_for(args.device), suite=args.suite, only=args.only,
+    _, ok = tune_suite.main(queue_for(args.device), suite=args.suite, only=args.only,
                        batch=args.batch, budget=budget, retune=args.retune, export=args.export,
                        backward=args.backward)
     return 0 if ok else 1
@@ -108,7 +109,7 @@ def main(argv=None):
     tune.add_argument("--only", help="only layers whose name contains this")
     tune.add_argument("--batch", type=int, help="override every layer's batch size")
     tune.add_argument("--budget", type=float, help="seconds per layer (default: "
-                      f"CLCONV_TUNE_BUDGET, else {autotune.DEFAULT_BUDGET:g})")
+                      f"CLCONV_TUNE_BUDGET, else {options.DEFAULT_BUDGET:g})")
     tune.add_argument("--backward", action="store_true",
                       help="also tune each layer's input and weight gradients")
     tune.add_argument("--retune", action="store_true",

@@ -4,8 +4,9 @@ from __future__ import annotations
 import numpy as np
 
 from . import arrays, planner
-from .device import device_info, queue_for
-from .problem import INT32_LIMIT, make_problem
+from .device import queue_for
+from .limits import check_device_limits
+from .problem import make_problem
 
 
 ACTIVATIONS = (None, "relu", "relu6", "silu", "gelu")
@@ -68,34 +69,6 @@ def _resolve_queue(queue, *operands):
         if arrays.is_device_array(a) and a.queue is not None:
             return a.queue
     return queue_for()
-
-
-def check_fp64(dtype, info):
-    if dtype == "float64" and not info.fp64:
-        raise TypeError(f"float64 needs the cl_khr_fp64 extension, which {info.name} lacks; "
-                        "use float32")
-
-
-def check_device_limits(problem, device):
-    """Reject what the device cannot hold or compute, with the reason, before any work."""
-    info = device_info(device)
-    check_fp64(problem.dtype, info)
-    itemsize = problem.numpy_dtype.itemsize
-    sizes = {"input": problem.input_shape, "weight": problem.weight_shape,
-             "output": problem.output_shape}
-    total = 0
-    for name, shape in sizes.items():
-        nbytes = int(np.prod(shape, dtype=np.int64)) * itemsize
-        total += nbytes
-        if nbytes > info.max_mem_alloc_size:
-            raise ValueError(f"the {name} ({nbytes / 2**20:.0f} MiB) exceeds {info.name}'s "
-                             f"largest allocation ({info.max_mem_alloc_size / 2**20:.0f} MiB); "
-                             "split the batch")
-    if total > info.global_mem_size:
-        raise ValueError(f"input, weight and output together ({total / 2**20:.0f} MiB) exceed "
-                         f"{info.name}'s memory ({info.global_mem_size / 2**20:.0f} MiB)")
-    if problem.batch * problem.out_height > INT32_LIMIT:
-        raise ValueError("batch * output height exceeds 2**31 - 1; split the batch")
 
 
 def run(problem, queue, operation, operands, out_shape, epilogue=()):

@@ -7,11 +7,13 @@ split reduction over batch and rows, conv2d_bias_grad a per-channel sum.
 """
 from __future__ import annotations
 
-from .algorithms.base import build_step, operands, with_scratch
+from .algorithms import bias_grad
+from .algorithms.base import freeze
 from .device import device_info
-from .functional import (_operand, _resolve_queue, check_device_limits, check_fp64,
-                         check_operand, launch_into, run)
-from .problem import INT32_LIMIT, dtype_name, make_problem
+from .functional import _operand, _resolve_queue, check_operand, launch_into, run
+from .limits import check_device_limits, check_fp64
+from .problem import dtype_name, make_problem
+from .programs import ContextMemo
 
 
 def conv2d_input_grad(input_shape, weight, grad_output, stride=1, padding=0, dilation=1,
@@ -64,34 +66,17 @@ def conv2d_bias_grad(grad_output, *, queue=None):
                        dy.dtype, n)
 
 
-_bias_launches: dict = {}
+_bias_launches = ContextMemo()
 
 
 def _bias_launch(queue, batch, channels, plane, dtype):
-    """The bias-gradient run(): channel sums, split over the batch when the channels alone
-    leave the device idle (a memory-bound sum; not tuned). Memoised per specialisation."""
-    info = device_info(queue.device)
-    want = 4 * info.compute_units if info.is_cpu else 4096
-    splits = 1
-    while channels * splits < want and batch >= 2 * splits:
-        splits *= 2
-    idx_t = "int" if batch * channels * plane <= INT32_LIMIT else "long"
-    key = (queue.context, queue.device, channels, plane, dtype, splits, idx_t)
-    if key not in _bias_launches:
-        constants = dict(dtype=dtype, idx_t=idx_t, channels=channels, plane=plane,
-                         tw=4 if dtype == "float64" else 8, splits=splits)
-        sums = build_step(queue, "bias_grad.cl.mako", "conv2d_bias_grad", constants,
-                          operands(1) + ("buffer", "int"), lambda b: (channels, splits))
-
-        def main(queue, inputs, output, batch, wait_for):
-            return [sums(queue, batch, *inputs[0], output[0], batch, wait_for=wait_for)]
-        if splits > 1:
-            total = build_step(queue, "sum_splits.cl.mako", "sum_splits",
-                               dict(constants, count=channels), ("buffer",) + operands(1),
-                               lambda b: (channels,))
-            main = with_scratch(main, total, lambda b: splits * channels, dtype)
-        _bias_launches[key] = main
-    return _bias_launches[key]
+    """The bias-gradient run(), memoised per context and specialisation."""
+    constants = bias_grad.constants(device_info(queue.device), batch, channels, plane, dtype)
+    table = _bias_launches.table(queue.context)
+    key = (queue.device, freeze(constants))
+    if key not in table:
+        table[key] = bias_grad.launcher(queue, constants)
+    return table[key]
 
 
 def _shape(value, name):

@@ -8,7 +8,8 @@ import numpy as np
 
 from . import arrays
 from .device import queue_for
-from .functional import _operand, _resolve_queue, check_call, check_device_limits, run
+from .functional import _operand, _resolve_queue, check_call, run
+from .limits import check_device_limits
 from .problem import check_channels, dtype_name, make_problem, normalise_geometry
 
 IncompatibleKeys = namedtuple("IncompatibleKeys", ["missing_keys", "unexpected_keys"])

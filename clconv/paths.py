@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
+
+import platformdirs
 
 _PACKAGE = Path(__file__).parent
 
@@ -16,14 +17,9 @@ def shipped_dir(package_name: str, checkout_path: str) -> Path:
 
 
 def cache_dir() -> Path:
-    """CLCONV_CACHE_DIR, else the platform's user cache directory + /clconv."""
+    """CLCONV_CACHE_DIR, else the platform's user cache directory for clconv (platformdirs:
+    ~/.cache/clconv, ~/Library/Caches/clconv, %LOCALAPPDATA%\\clconv\\Cache)."""
     explicit = os.environ.get("CLCONV_CACHE_DIR")
     if explicit:
         return Path(explicit).expanduser()
-    if sys.platform == "win32":
-        base = Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local")
-    elif sys.platform == "darwin":
-        base = Path.home() / "Library" / "Caches"
-    else:
-        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "clconv"
+    return Path(platformdirs.user_cache_dir("clconv", appauthor=False))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import pyopencl as cl
 
 from . import programs
@@ -17,6 +16,9 @@ from .device import device_info
 WIDTHS = (4, 8)
 CHAINS = (8, 12)
 ITERATIONS = 16384
+PEAK_ARGS = (programs.Buffer("out", "float", const=False, offset=False, restrict=False),
+             programs.Scalar("a", "float"), programs.Scalar("b", "float"),
+             programs.Scalar("iters"))
 
 
 @dataclass
@@ -34,12 +36,11 @@ def measure(queue, repeats=5) -> Peak:
     trials = {}
     for width in WIDTHS:
         for chains in CHAINS:
-            source = programs.render("peak.cl.mako", width=width, chains=chains)
-            kernel = cl.Kernel(programs.program(queue.context, source), "fma_peak")
+            kernel = programs.kernel(queue.context, "peak.cl.mako", "fma_peak", PEAK_ARGS,
+                                     width=width, chains=chains)
             best = float("inf")
             for _ in range(repeats):
-                event = kernel(queue, (items,), None, out, np.float32(0.999),
-                               np.float32(1e-3), np.int32(ITERATIONS))
+                event = kernel(queue, (items,), None, out, 0.999, 1e-3, ITERATIONS)
                 event.wait()
                 best = min(best, (event.profile.end - event.profile.start) * 1e-9)
             trials[width, chains] = 2 * items * ITERATIONS * chains * width / best / 1e9

@@ -1,68 +1,76 @@
 """The plan of a call: which algorithm and parameters run a problem on a device, built.
 
-Tuned entries come first (autotune: the user's cache, then shipped databases; in mode 'on' an
-untuned problem is tuned here, at its first use), else the algorithm's heuristic. A plan is
-memoised per (problem, context, device, tuning mode, Winograd opt-in), so a repeated call is
-one dict look-up. Kernels take the batch size as an argument, so a built launch is shared by
-every batch size that chose the same configuration (while its indices fit the same integer
-type).
+In order: an algorithm forced by use_algorithm(); a tuned entry (the store: the user's cache,
+then shipped databases; in mode 'on' an untuned problem is tuned here, at its first use);
+else the algorithms' heuristic. A plan is memoised per context (held weakly) and per
+(problem, operation, epilogue, device, tuning mode, Winograd opt-in, forced algorithm,
+store state), so a repeated call is one dict look-up. Built launches are shared by every
+problem whose kernels have the same specialisation (Algorithm.specialisation: the rendered
+constants, never the batch size), so one build serves every batch size that chose the same
+configuration.
 """
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 
 import pyopencl as cl
 
-from . import algorithms, autotune, options
+from . import algorithms, options, search, store
+from .algorithms.base import freeze
 from .device import device_info
-from .programs import BuildError
+from .programs import BuildError, ContextMemo
 
-_plans: dict = {}
-_launches: dict = {}
+_plans = ContextMemo()
+_launches = ContextMemo()
 
 
 def plan(problem, queue, operation="forward", epilogue=()) -> algorithms.Launch:
     """The Launch of an operation ('forward', 'input_grad', 'weight_grad') of problem.
     epilogue: the forward's fused extras as (name, value) pairs (activation, has_residual);
     they do not change the choice of configuration, only what the kernel does at its end."""
-    key = (problem, operation, epilogue, queue.context, queue.device, autotune.mode(),
-           options.allow_winograd())
-    launch = _plans.get(key)
+    table = _plans.table(queue.context)
+    key = (problem, operation, epilogue, queue.device, options.tuning_mode(),
+           options.allow_winograd(), options.forced(operation), store.state())
+    launch = table.get(key)
     if launch is None:
-        launch = _plans[key] = _make(problem, queue, operation, dict(epilogue))
+        launch = table[key] = _make(problem, queue, operation, dict(epilogue))
     return launch
 
 
 def _make(problem, queue, operation, epilogue):
     info = device_info(queue.device)
-    if autotune.needs_tuning(problem, info, operation):
-        autotune.log.info("tuning %s (CLCONV_TUNE=on)",
-                          autotune.signature(problem, operation=operation))
+    forced = options.forced(operation)
+    if forced is not None:
+        algorithm, config = forced_config(forced, problem, info)
+        return _build(algorithm, problem, queue, config, epilogue)
+    if store.needs_tuning(problem, info, operation):
+        search.log.info("tuning %s (CLCONV_TUNE=on)",
+                        store.signature(problem, operation=operation))
         try:
-            autotune.tune_problem(problem, queue, operation=operation)
+            search.tune_problem(problem, queue, operation=operation)
         except OSError as err:      # the cache could not be written: run untuned, say why
             warnings.warn(f"clconv: could not record a tuning result ({err})",
-                          autotune.TuningCacheWarning)
-    tuned = autotune.tuned_choice(problem, info, operation)
+                          store.TuningCacheWarning)
+    tuned = store.tuned_choice(problem, info, operation)
     if tuned is not None:
         algorithm, config, source = tuned
         try:
             return _build(algorithm, problem, queue, config, epilogue)
         except (BuildError, ValueError, cl.Error) as err:
             warnings.warn(f"clconv: the tuned {algorithm.name} {config} from the {source} "
-                          f"failed here ({err}); using the heuristic", autotune.TuningCacheWarning)
+                          f"failed here ({err}); using the heuristic", store.TuningCacheWarning)
     algorithm, config = algorithms.choose(problem, info, operation)
     return _build(algorithm, problem, queue, config, epilogue)
 
 
 def _build(algorithm, problem, queue, config, epilogue):
-    key = (algorithm.name, tuple(sorted(config.items())), tuple(sorted(epilogue.items())),
-           problem.with_batch(1), algorithm.constants(problem, config)["idx_t"], queue.context,
-           queue.device)
-    launch = _launches.get(key)
+    table = _launches.table(queue.context)
+    key = (queue.device, freeze(config), algorithm.specialisation(problem, config, epilogue))
+    launch = table.get(key)
     if launch is None:
-        launch = _launches[key] = algorithm.build(problem, queue, config, strict=False,
-                                                  epilogue=epilogue)
+        launch = table[key] = algorithm.build(problem, queue, config, strict=False,
+                                              epilogue=epilogue)
     return launch
 
 
@@ -72,6 +80,53 @@ def chosen(problem, queue, operation="forward"):
     return launch.algorithm, launch.config
 
 
+# --- forcing an algorithm --------------------------------------------------------------------
+
+@contextmanager
+def use_algorithm(name, **params):
+    """A block in which every call of the algorithm's operation runs algorithm `name`, with
+    the given parameters and its heuristic default for the others (for experts, benchmarks
+    and tests):
+
+        with clconv.use_algorithm("implicit_gemm", tk=6, tw=8):
+            y = clconv.conv2d(x, w, padding=1)
+
+    Unknown names, parameters or values raise ValueError here; a configuration that the
+    algorithm's constraints reject for a problem (or an algorithm that does not apply to it)
+    raises ValueError at that call, naming the algorithm and the reason."""
+    algorithm = algorithms.ALGORITHMS.get(name)
+    if algorithm is None:
+        raise ValueError(f"use_algorithm: name must be one of {sorted(algorithms.ALGORITHMS)}, "
+                         f"got {name!r}")
+    declared = {p.name: p for p in algorithm.params}
+    for key, value in params.items():
+        if key not in declared:
+            raise ValueError(f"use_algorithm: {name} has no parameter {key!r} (its parameters: "
+                             f"{', '.join(declared)})")
+        if type(value) is not int or value not in declared[key].values:
+            raise ValueError(f"use_algorithm: {name}'s {key} must be one of "
+                             f"{declared[key].values}, got {value!r}")
+    with options.forcing(algorithm.operation, (name, freeze(params))):
+        yield
+
+
+def forced_config(forced, problem, info):
+    """(algorithm, config) of a forced (name, params) for problem, checked."""
+    name, params = forced
+    algorithm = algorithms.ALGORITHMS[name]
+    if not algorithm.applies(problem):
+        raise ValueError(f"use_algorithm: {name} does not apply to this problem ({problem})")
+    config = dict(algorithm.default_config(problem, info), **dict(params))
+    reason = algorithm.constraints(problem, info, config)
+    if reason:
+        raise ValueError(f"use_algorithm: {name} config {config} is invalid for this problem: "
+                         f"{reason}")
+    return algorithm, config
+
+
 def forget():
-    """Drop every plan (after the tuning cache or the mode changed)."""
+    """Drop every plan and built launch (their kernels are rebuilt from pyopencl's cache on
+    next use). Plans are keyed by every setting and the store's state, so this is needed
+    only after a change clconv cannot see (for example, templates edited in place)."""
     _plans.clear()
+    _launches.clear()

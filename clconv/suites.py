@@ -43,3 +43,20 @@ def layer_problem(layer, batch=None, dtype=np.float32):
                               layer["padding"], layer["dilation"], g,
                               layer.get("padding_mode", "zeros"))
     return problem
+
+
+def describe(p):
+    """A short text of a problem's shape for tables: 8x64x56x56 k3x3 s1x1 -> 64."""
+    (kh, kw), (sh, sw) = p.kernel_size, p.stride
+    text = f"{p.batch}x{p.in_channels}x{p.height}x{p.width} k{kh}x{kw} s{sh}x{sw}"
+    if p.dilation != (1, 1):
+        text += f" d{p.dilation[0]}x{p.dilation[1]}"
+    if p.groups != 1:
+        text += f" g{p.groups}"
+    return text + f" -> {p.out_channels}"
+
+
+def geomean(values):
+    """The geometric mean of the true values (None if there are none)."""
+    values = [v for v in values if v]
+    return float(np.exp(np.mean(np.log(values)))) if values else None

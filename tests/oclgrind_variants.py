@@ -273,7 +273,10 @@ TILES = {"forward": lambda k, w: dict(tk=k, tw=w),
          "weight_grad": lambda k, w: dict(tk=k, tw=w, splits=1)}
 
 
-def run_variant(queue, name, operation, x_shape, w_shape, with_bias, kwargs, dtype, config):
+def build_variant(queue, name, operation, x_shape, w_shape, with_bias, kwargs, dtype, config):
+    """A variant's built Launch (building renders its templates) with what running it needs:
+    (launch, problem, operands, epilogue); operands (x, w, b, dy, residual) are random arrays,
+    b None without a bias; epilogue (activation, residual?) of a forward config."""
     rng = np.random.default_rng(0)
     x = rng.standard_normal(x_shape).astype(dtype)
     w = rng.standard_normal(w_shape).astype(dtype)
@@ -296,6 +299,12 @@ def run_variant(queue, name, operation, x_shape, w_shape, with_bias, kwargs, dty
                                       else "direct")]
     local = {p.name: 1 for p in algorithm.params if p.name in ("lx", "ly", "lz")}
     launch = algorithm.build(problem, queue, local | config, epilogue=epilogue)
+    return launch, problem, (x, w, b, dy, residual), (activation, with_residual)
+
+
+def run_variant(queue, name, operation, x_shape, w_shape, with_bias, kwargs, dtype, config):
+    launch, problem, (x, w, b, dy, residual), (activation, with_residual) = build_variant(
+        queue, name, operation, x_shape, w_shape, with_bias, kwargs, dtype, config)
     inputs = {"forward": [x, w] + ([b] if b is not None else [])
               + ([residual] if with_residual else []),
               "input_grad": [dy, w], "weight_grad": [x, dy]}[operation]

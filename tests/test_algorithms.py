@@ -6,6 +6,7 @@ algorithms it does not pick untested on those cases. Here each algorithm is forc
 heuristic configuration) on every matrix case it applies to, in float32 (and float64 and
 float16 on their matrices), against the NumPy reference and torch.
 """
+import contextlib
 import os
 import sys
 
@@ -33,15 +34,10 @@ def problem_of(c, dtype):
 @pytest.fixture
 def forced(monkeypatch):
     """force(name): every plan from here on uses that algorithm's heuristic config."""
-    def force(name):
-        algorithm = algorithms.ALGORITHMS[name]
-        monkeypatch.setattr(algorithms, "choose", lambda problem, info, operation="forward":
-                            (algorithm, algorithm.default_config(problem, info)))
-        planner.forget()
-    monkeypatch.setenv("CLCONV_TUNE", "off")
-    with clconv.winograd_allowed():     # opt-in numerics: here one algorithm among the rest
-        yield force
-    planner.forget()
+    with contextlib.ExitStack() as stack:
+        monkeypatch.setenv("CLCONV_TUNE", "off")
+        stack.enter_context(clconv.winograd_allowed())   # opt-in numerics: one among the rest
+        yield lambda name: stack.enter_context(clconv.use_algorithm(name))
 
 
 def cases(ids, dtype):
@@ -90,7 +86,7 @@ def test_heuristic_falls_back_when_the_staged_input_does_not_fit():
 def test_tiled_gemm_is_chosen_only_where_local_memory_is_real():
     import dataclasses
 
-    from clconv.autotune.search import Tuner
+    from clconv.search import Tuner
     queue = clconv.queue_for()
     info = clconv.device_info(queue.device)
     p = problem_of(ALL["k3_p1_ch13to17"], "float32")
@@ -123,3 +119,70 @@ def test_tiled_gemm_constraints_name_the_rule():
     huge = good | {"mwg": 128, "nwg": 128, "mdim": 16, "ndim": 16, "cib": 8}
     small = dataclasses.replace(info, local_mem_size=32768)
     assert "exceed the device's 32768 bytes of local memory" in tiled.constraints(p, small, huge)
+
+
+# --- forcing an algorithm (clconv.use_algorithm) ---------------------------------------------
+
+def test_use_algorithm_forces_the_algorithm_and_its_parameters(monkeypatch):
+    import numpy as np
+    from reference import assert_matches
+    monkeypatch.setenv("CLCONV_TUNE", "off")
+    queue = clconv.queue_for()
+    p = problem_of(ALL["k3_p1_ch13to17"], "float32")
+    default = planner.chosen(p, queue)
+    with clconv.use_algorithm("direct", tk=3, tw=2):
+        assert planner.chosen(p, queue) == (
+            "direct", dict(algorithms.ALGORITHMS["direct"].default_config(
+                p, clconv.device_info(queue.device)), tk=3, tw=2))
+        with clconv.use_algorithm("implicit_gemm"):           # the inner block wins
+            assert planner.chosen(p, queue)[0] == "implicit_gemm"
+        assert planner.chosen(p, queue)[0] == "direct"
+        assert planner.chosen(p, queue, "input_grad")[0] == "input_grad"   # another operation
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal(p.input_shape).astype(np.float32)
+        w = rng.standard_normal(p.weight_shape).astype(np.float32)
+        assert_matches(clconv.conv2d(x, w, padding=1), x, w, None, padding=1)
+    assert planner.chosen(p, queue) == default
+
+
+@pytest.mark.parametrize("name, params, message", [
+    ("fastest", {}, "name must be one of"),
+    ("direct", {"tq": 2}, "direct has no parameter 'tq'"),
+    ("direct", {"tk": 99}, "direct's tk must be one of"),
+    ("direct", {"tk": 2.0}, "direct's tk must be one of"),
+])
+def test_use_algorithm_rejects_unknown_names_parameters_and_values(name, params, message):
+    with pytest.raises(ValueError, match=message):
+        with clconv.use_algorithm(name, **params):
+            pass
+
+
+def test_use_algorithm_rejects_what_a_problem_cannot_run():
+    import numpy as np
+    x = np.zeros((1, 4, 6, 6), np.float32)
+    with clconv.use_algorithm("depthwise"):
+        with pytest.raises(ValueError, match="depthwise does not apply"):
+            clconv.conv2d(x, np.zeros((4, 4, 3, 3), np.float32))
+    with clconv.use_algorithm("direct", tk=16):
+        with pytest.raises(ValueError, match="use_algorithm: direct config .* tk must be"):
+            clconv.conv2d(x, np.zeros((4, 4, 3, 3), np.float32))
+
+
+def test_a_dropped_context_frees_its_programs_and_plans():
+    import gc
+
+    import numpy as np
+    import pyopencl as cl
+
+    from clconv import programs
+    device = clconv.queue_for().device
+    context = cl.Context([device])
+    queue = cl.CommandQueue(context)
+    x = np.ones((1, 2, 5, 5), np.float32)
+    clconv.conv2d(x, np.ones((3, 2, 3, 3), np.float32), queue=queue)
+    tables = (programs._programs, planner._plans, planner._launches)
+    assert all(context in t._tables for t in tables)
+    before = [len(t._tables) for t in tables]
+    del context, queue
+    gc.collect()
+    assert [len(t._tables) for t in tables] == [n - 1 for n in before]

@@ -4,6 +4,7 @@ Problems are tiny and budgets short: these tests prove behaviour, not speed.
 """
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -13,11 +14,11 @@ import numpy as np
 import pytest
 
 import clconv
-from clconv import autotune, planner, programs
+from clconv import autotune, planner, programs, search
 from clconv.algorithms import ALGORITHMS
 from clconv.algorithms.direct import Direct
-from clconv.autotune import cache
-from clconv.autotune.search import Tuner
+from clconv import store as cache
+from clconv.search import Tuner
 from clconv.problem import make_problem
 
 from reference import (assert_matches, conv2d_input_grad_ref, conv2d_weight_grad_ref,
@@ -87,7 +88,7 @@ def test_round_trip_file_and_plan(cache_dir, queue, info, rng):
     data = json.loads(path.read_text())
     assert data["format"] == "clconv-tuning-cache"
     assert data["device"]["driver_version"] == info.driver_version
-    assert data["sources_hash"] == programs.sources_hash()
+    assert data["entries"][cache.signature(p)]["sources"] == cache.sources_of("direct")
     assert data["entries"][cache.signature(p)]["config"] == OTHER
     assert planner.chosen(p, queue) == ("direct", OTHER)
     run_and_check(p, queue, rng)
@@ -151,8 +152,9 @@ def test_changed_driver_version_invalidates(cache_dir, queue, info):
 def test_changed_kernel_sources_invalidate(cache_dir, info, monkeypatch):
     p = problem_of()
     cache.record(info, {cache.signature(p): entry(OTHER)})
-    monkeypatch.setattr(programs, "sources_hash", lambda: "0123456789abcdef")
-    assert cache.cache_entries(info) == {}
+    assert autotune.tuned_choice(p, info) is not None
+    monkeypatch.setattr(cache, "sources_of", lambda name: "0123456789abcdef")
+    assert autotune.tuned_choice(p, info) is None
 
 
 def test_entry_that_no_longer_fits_is_ignored_with_a_warning(cache_dir, queue, info, rng):
@@ -179,7 +181,7 @@ def test_unwritable_cache_dir(cache_dir, tmp_path, monkeypatch, queue, info, rng
 
 RECORDER = textwrap.dedent("""
     import sys, clconv
-    from clconv.autotune import cache
+    from clconv import store as cache
     info = clconv.device_info(clconv.queue_for().device)
     tag = sys.argv[1]
     for i in range(40):
@@ -386,7 +388,7 @@ def test_mode_on_tunes_unseen_problems_once(cache_dir, queue, info, rng, monkeyp
 
     def no_tuning(*args, **kwargs):
         raise AssertionError("tuned twice")
-    monkeypatch.setattr(autotune, "tune_problem", no_tuning)
+    monkeypatch.setattr(search, "tune_problem", no_tuning)
     planner.forget()
     run_and_check(p, queue, rng)                 # remembered across plans (and processes)
     monkeypatch.setenv("CLCONV_TUNE", "cached")
@@ -433,7 +435,8 @@ def test_shipped_database_is_the_fallback(cache_dir, tmp_path, queue, info, monk
     assert planner.chosen(q, queue)[1] == OTHER
 
     data = json.loads((db_dir / "this-device.json").read_text())
-    for field, value in (("match", {"name": "some other device"}), ("sources_hash", "old")):
+    stale = {k: dict(e, sources="old") for k, e in data["entries"].items()}
+    for field, value in (("match", {"name": "some other device"}), ("entries", stale)):
         (db_dir / "this-device.json").write_text(json.dumps(dict(data, **{field: value})))
         planner.forget()
         assert planner.chosen(q, queue)[1] != OTHER
@@ -443,10 +446,11 @@ def test_shipped_databases_are_well_formed_and_current(info):
     for path in sorted(cache.databases_dir().glob("*.json")):
         data = json.loads(path.read_text())
         assert data["format"] == "clconv-tuning-database", path
-        assert data["sources_hash"] == programs.sources_hash(), (
-            f"{path.name} was tuned with other kernel sources: re-run clconv tune --export")
         for sig, e in data["entries"].items():
             assert e["algorithm"] in ALGORITHMS, (path.name, sig)
+            assert e["sources"] == cache.sources_of(e["algorithm"]), (
+                f"{path.name}: {sig} was tuned with other {e['algorithm']} kernel sources: "
+                "re-tune it (clconv tune --export)")
             assert {p.name for p in ALGORITHMS[e["algorithm"]].params} == set(e["config"])
 
 
@@ -503,3 +507,56 @@ def test_model_suites_load_as_valid_problems():
     for name in suite_names():
         for layer in load_suite(name):
             assert layer_problem(layer, batch=2).batch == 2
+
+
+# --- per-kernel cache keys -------------------------------------------------------------------
+
+TUNE_TWO = textwrap.dedent("""
+    import sys, numpy as np, clconv
+    from clconv import store
+    from clconv.algorithms import ALGORITHMS
+    from clconv.problem import make_problem
+    from clconv.search import Tuner
+    assert clconv.__file__.startswith(sys.argv[1]), clconv.__file__   # the installed copy
+    queue = clconv.queue_for()
+    info = clconv.device_info(queue.device)
+    depthwise = make_problem((1, 4, 9, 9), np.float32, (4, 1, 3, 3), np.float32, None, None,
+                             1, 1, 1, 4, "zeros")[0]
+    dense = make_problem((1, 4, 9, 9), np.float32, (6, 4, 3, 3), np.float32, None, None,
+                         1, 1, 1, 1, "zeros")[0]
+    if sys.argv[2] == "tune":
+        for p, name in ((depthwise, "depthwise"), (dense, "direct")):
+            result = Tuner(p, queue, candidates_from=[ALGORITHMS[name]]).run(budget=1)
+            result.best = min((t for t in result.trials if t.ok and t.algorithm == name),
+                              key=lambda t: t.ms)    # the heuristic default may be another
+            store.record(info, {result.signature: result.entry()})
+    for p in (depthwise, dense):
+        choice = store.tuned_choice(p, info)
+        print(store.signature(p), "->", choice[0].name if choice else None)
+""")
+
+
+def test_editing_one_template_invalidates_only_its_algorithms_entries(cache_dir, tmp_path):
+    """Tune a depthwise and a direct problem with an installed copy of clconv, edit
+    depthwise's template in that copy: the direct entry is still used, the other ignored."""
+    import shutil
+    from pathlib import Path
+    source = Path(clconv.__file__).parent
+    site = tmp_path / "site"
+    package = site / "clconv"
+    shutil.copytree(source, package, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(programs.kernels_dir(), package / "cl_kernels", dirs_exist_ok=True)
+    (package / "tuning_databases").mkdir(exist_ok=True)     # no shipped entries
+    env = dict(os.environ, PYTHONPATH=str(site), CLCONV_CACHE_DIR=str(cache_dir))
+
+    def run(phase):
+        done = subprocess.run([sys.executable, "-c", TUNE_TWO, str(package), phase],
+                              capture_output=True, text=True, timeout=300, env=env,
+                              cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        return [line.rsplit(" -> ", 1)[1] for line in done.stdout.splitlines()]
+
+    assert run("tune") == ["depthwise", "direct"]
+    template = package / "cl_kernels" / "depthwise.cl.mako"
+    template.write_text(template.read_text() + "## an edit\n")
+    assert run("check") == ["None", "direct"]

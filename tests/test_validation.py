@@ -25,6 +25,7 @@ import clconv.algorithms
 import clconv.arrays
 import clconv.device
 import clconv.functional
+import clconv.limits
 import clconv.module
 
 F32 = np.float32
@@ -57,7 +58,7 @@ def no_fp64(monkeypatch):
     def fake(device):
         return dataclasses.replace(real(device), fp64=False)
 
-    monkeypatch.setattr(clconv.functional, "device_info", fake)
+    monkeypatch.setattr(clconv.limits, "device_info", fake)
 
 
 def data(shape, dtype=F32, seed=0):

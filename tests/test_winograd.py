@@ -10,8 +10,8 @@ import pytest
 
 import clconv
 from clconv import algorithms, autotune, planner
-from clconv.autotune import cache
-from clconv.autotune.search import Tuner
+from clconv import store as cache
+from clconv.search import Tuner
 from clconv.problem import make_problem
 
 from reference import assert_matches, conv2d_reference

@@ -3,12 +3,17 @@
 An algorithm computes one `operation` (the forward convolution, or its gradient with respect
 to the input or the weight). It is data plus a few small methods (after CLBlast's kernel
 descriptions):
-- `params`: its tunable parameters, each with the values a tuner may try;
+- `params`: its tunable parameters, each with the values a tuner may try, read by name;
+- `templates`: the templates it renders (their hashes key its tuned entries);
 - `suits`: whether it is worth trying on a device at all (the tiled GEMM needs real local
-  memory);
+  memory); `applies`: whether it computes a problem; `preferred`: whether the heuristic picks
+  it;
 - `constraints`: why a configuration is invalid for a problem on a device (or None);
 - `default_config`: the heuristic choice when nothing is tuned;
-- `constants`: what its template is specialised on, and `ranges`: its NDRange.
+- `constants`: what its templates are specialised on (the layout included), and `ranges`:
+  its NDRange;
+- `kernels`: each kernel it launches, with its arguments declared once as `Buffer` and
+  `Scalar` objects: the template's parameter list and the scalar dtypes come from them.
 The base class turns a configuration into a ready `Launch`.
 """
 from __future__ import annotations
@@ -16,12 +21,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import pyopencl as cl
 
 from .. import programs
 from ..device import device_info
 from ..problem import INT32_LIMIT
+from ..programs import Buffer, Scalar
+
 
 
 @dataclass(frozen=True)
@@ -31,12 +37,47 @@ class Param:
     doc: str
 
 
+def param_named(params, name) -> Param:
+    """The Param called name among params."""
+    return next(p for p in params if p.name == name)
+
+
+BATCH = Scalar("batch")
+
+# The operands of each operation, in order, as the kernel that computes it whole takes them
+# (the output and the batch size follow); a Launch takes its inputs in this order too.
+EPILOGUE_DEFAULTS = {"activation": None, "has_residual": False}
+
+
+def operation_inputs(operation, problem, epilogue=None):
+    """The input operands (Buffers) of an operation on problem."""
+    if operation == "input_grad":
+        return (Buffer("dy"), Buffer("w"))
+    if operation == "weight_grad":
+        return (Buffer("x"), Buffer("dy"))
+    has_residual = (epilogue or {}).get("has_residual", False)
+    return ((Buffer("x"), Buffer("w")) + ((Buffer("b"),) if problem.has_bias else ())
+            + ((Buffer("res"),) if has_residual else ()))
+
+
+OPERATIONS = ("forward", "input_grad", "weight_grad")
+OUTPUTS = {"forward": "y", "input_grad": "dx", "weight_grad": "dw"}
+
+
+def operation_args(operation, problem, epilogue=None, out_type="storage_t"):
+    """The arguments of a kernel that computes an operation whole: its inputs, its output,
+    the batch size."""
+    return operation_inputs(operation, problem, epilogue) + (
+        Buffer(OUTPUTS[operation], type=out_type, const=False), BATCH)
+
+
+# --- launches ----------------------------------------------------------------------------
+
 class Launch:
     """A built operation for one problem (any batch size): call it with device operands.
 
-    inputs: the operation's input operands in order, each a (buffer, element offset) pair
-    (forward: x, w, then bias and residual when the problem has them; input_grad: dy, w;
-    weight_grad: x, dy); output: the result's (buffer, offset). Returns the events of the
+    inputs: the operation's input operands in order (operation_inputs), each a (buffer,
+    element offset) pair; output: the result's (buffer, offset). Returns the events of the
     kernels it enqueued, in order.
     """
 
@@ -68,6 +109,73 @@ class Step:
         return self.kernel(queue, size, self.local, *args, wait_for=wait_for)
 
 
+def build_step(queue, template, kernel_name, constants, args, items, local=None,
+               strict=True):
+    """Render, build and size one kernel as a Step. args: its arguments (Buffer/Scalar), which
+    the template gets as `parameters` (its C parameter list). local None: no barriers, the
+    driver sizes the work-groups; else strict=False shrinks a work-group the compiled kernel
+    cannot run (its own limit can be below the device's) instead of raising."""
+    info = device_info(queue.device)
+    kernel = programs.kernel(queue.context, template, kernel_name, args, **constants)
+    if local is not None:
+        kernel_limit = kernel.get_work_group_info(cl.kernel_work_group_info.WORK_GROUP_SIZE,
+                                                  queue.device)
+        while work_group_problem(local, info, kernel_limit) and not strict and max(local) > 1:
+            largest = local.index(max(local))
+            local = local[:largest] + (local[largest] // 2,) + local[largest + 1:]
+        reason = work_group_problem(local, info, kernel_limit)
+        if reason:
+            raise ValueError(f"{kernel_name}: {reason}")
+    return Step(kernel, items, local)
+
+
+def with_scratch(first, then, scratch_elements, dtype):
+    """run(): first writes into a scratch buffer of scratch_elements(batch) acc_t values,
+    then `then` (a Step on (scratch, output...)) turns it into the output."""
+    itemsize = acc_itemsize(dtype)
+
+    def run(queue, inputs, output, batch, wait_for):
+        scratch = scratch_buffer(queue, scratch_elements(batch), itemsize)
+        events = first(queue, inputs, (scratch, 0), batch, wait_for)
+        return events + [then(queue, batch, scratch, *output, wait_for=events)]
+    return run
+
+
+def scratch_buffer(queue, elements, itemsize):
+    """A device buffer for intermediate results between a launch's kernels."""
+    return cl.Buffer(queue.context, cl.mem_flags.READ_WRITE, max(1, elements) * itemsize)
+
+
+# --- small shared rules --------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Blocks:
+    """extent items split into blocks of size (a register tile's channels, a row's
+    vectors): `count` blocks, the last one `ragged` when size does not divide extent;
+    `whole` items lie in whole blocks. Kernels and NDRanges read these, never recompute them."""
+    extent: int
+    size: int
+
+    @property
+    def count(self):
+        return -(-self.extent // self.size)
+
+    @property
+    def ragged(self):
+        return self.extent % self.size != 0
+
+    @property
+    def whole(self):
+        return self.extent - self.extent % self.size
+
+
+def channel_blocks(problem, per_item, of="cout"):
+    """Blocks of per_item channels of a group (output channels, or input channels with
+    of="cin"), and the NDRange's count of them over all groups."""
+    blocks = Blocks(problem.cout_per_group if of == "cout" else problem.cin_per_group, per_item)
+    return blocks, problem.groups * blocks.count
+
+
 def round_up(n, multiple):
     return -(-n // multiple) * multiple
 
@@ -83,16 +191,22 @@ def pow2_at_most(n):
     return 1 << (max(1, n).bit_length() - 1)
 
 
-def index_type(problem):
-    """'int' when every flat index fits in 32 bits, else 'long'."""
+def acc_itemsize(dtype):
+    """Bytes of one acc_t value: float for half and float, double for double."""
+    return 8 if dtype == "float64" else 4
+
+
+def index_type(problem, *element_counts):
+    """'int' when every flat index (the problem's operands and any further element_counts)
+    fits in 32 bits, else 'long'."""
     largest = max(math.prod(problem.input_shape), math.prod(problem.output_shape),
-                  math.prod(problem.weight_shape))
+                  math.prod(problem.weight_shape), *element_counts)
     return "int" if largest <= INT32_LIMIT else "long"
 
 
 def work_group_problem(local_size, info, kernel_limit=None):
     """Why local_size cannot run on the device (or None)."""
-    total = int(np.prod(local_size))
+    total = math.prod(local_size)
     limit = min(info.max_work_group_size, kernel_limit or info.max_work_group_size)
     if total > limit:
         return f"work-group of {total} work-items exceeds the limit {limit}"
@@ -110,21 +224,30 @@ def fitting_work_group(local, info):
     return local
 
 
-# The input operands of each operation, in order (the output follows them).
-OPERATIONS = {
-    "forward": lambda p, k: ("x", "w") + (("b",) if p.has_bias else ())
-    + (("residual",) if k.get("has_residual") else ()),
-    "input_grad": lambda p, k: ("dy", "w"),
-    "weight_grad": lambda p, k: ("x", "dy"),
-}
+def freeze(value):
+    """A hashable copy of a constants value (dicts, lists and sets become tuples)."""
+    if isinstance(value, dict):
+        return tuple(sorted((k, freeze(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return tuple(freeze(v) for v in value)
+    return value
 
+
+# --- the algorithm ---------------------------------------------------------------------------
 
 class Algorithm:
     operation = "forward"
     name = ""
-    template = ""
+    template = ""           # the template of its main kernel
+    templates: tuple = ()   # every template it renders (default: (template,))
     kernel_name = ""
     params: tuple = ()
+
+    def rendered_templates(self):
+        return self.templates or (self.template,)
+
+    def param(self, name) -> Param:
+        return param_named(self.params, name)
 
     def applies(self, problem) -> bool:
         return True
@@ -146,32 +269,43 @@ class Algorithm:
         raise NotImplementedError
 
     def constants(self, problem, config) -> dict:
+        """What the templates are specialised on; never the batch size, which kernels take
+        as an argument (so one build serves every batch with the same constants)."""
         raise NotImplementedError
 
     def ranges(self, problem, config):
         """(work-items needed per dimension, local size)."""
         raise NotImplementedError
 
-    def inputs(self, problem, constants):
-        """The names of the operation's input operands, in the kernel's order."""
-        return OPERATIONS[self.operation](problem, constants)
+    def inputs(self, problem, epilogue=None):
+        """The operation's input operands (Buffers), in the kernel's order."""
+        return operation_inputs(self.operation, problem, epilogue)
+
+    def specialisation(self, problem, config, epilogue=None):
+        """A hashable key of everything the built kernels depend on (the constants and the
+        epilogue, not the batch): equal keys can share one Launch."""
+        return (self.name, freeze(self.all_constants(problem, config, epilogue)))
+
+    def all_constants(self, problem, config, epilogue=None):
+        constants = self.constants(problem, config)
+        if self.operation == "forward":
+            constants.update(EPILOGUE_DEFAULTS, **(epilogue or {}))
+        return constants
 
     def build(self, problem, queue, config, strict=True, epilogue=None) -> Launch:
         """The ready Launch of config (strict: see build_step)."""
         reason = self.constraints(problem, device_info(queue.device), config)
         if reason:
             raise ValueError(f"{self.name} config {config} is invalid for this problem: {reason}")
-        return Launch(self.launcher(problem, queue, config, strict, epilogue), self.name,
-                      dict(config))
+        return Launch(self.launcher(problem, queue, config, strict,
+                                    self.all_constants(problem, config, epilogue)),
+                      self.name, dict(config))
 
-    def launcher(self, problem, queue, config, strict, epilogue):
+    def launcher(self, problem, queue, config, strict, constants):
         """run(queue, inputs, output, batch, wait_for) -> events: the default is the one
         kernel of `template`, on the inputs then the output then the batch size."""
-        constants = self.constants(problem, config)
-        constants.update(epilogue or {})
-        count = len(self.inputs(problem, constants)) + 1
         step = build_step(queue, self.template, self.kernel_name, constants,
-                          operands(count) + ("int",),
+                          self.main_args(problem, constants),
                           lambda batch: self.ranges(problem.with_batch(batch), config)[0],
                           self.ranges(problem, config)[1], strict)
 
@@ -180,53 +314,6 @@ class Algorithm:
             return [step(queue, batch, *args, *output, batch, wait_for=wait_for)]
         return run
 
-
-def build_step(queue, template, kernel_name, constants, signature, items, local=None,
-               strict=True):
-    """Render, build and size one kernel as a Step. signature: its arguments' kinds in
-    order, 'buffer', 'offset' (an idx_t) or 'int'. local None: no barriers, the driver sizes
-    the work-groups; else strict=False shrinks a work-group the compiled kernel cannot run
-    (its own limit can be below the device's) instead of raising."""
-    info = device_info(queue.device)
-    prg = programs.program(queue.context, programs.render(template, **constants))
-    kernel = cl.Kernel(prg, kernel_name)   # its own object: Launches set args apart
-    if local is not None:
-        kernel_limit = kernel.get_work_group_info(cl.kernel_work_group_info.WORK_GROUP_SIZE,
-                                                  queue.device)
-        while work_group_problem(local, info, kernel_limit) and not strict and max(local) > 1:
-            largest = local.index(max(local))
-            local = local[:largest] + (local[largest] // 2,) + local[largest + 1:]
-        reason = work_group_problem(local, info, kernel_limit)
-        if reason:
-            raise ValueError(f"{kernel_name}: {reason}")
-    idx = np.int32 if constants["idx_t"] == "int" else np.int64
-    kernel.set_scalar_arg_dtypes(
-        [{"buffer": None, "offset": idx, "int": np.int32}[kind] for kind in signature])
-    return Step(kernel, items, local)
-
-
-def with_scratch(first, then, scratch_elements, dtype):
-    """run(): first writes into a scratch buffer of scratch_elements(batch) acc_t values,
-    then `then` (a Step on (scratch, output...)) turns it into the output."""
-    itemsize = acc_itemsize(dtype)
-
-    def run(queue, inputs, output, batch, wait_for):
-        scratch = scratch_buffer(queue, scratch_elements(batch), itemsize)
-        events = first(queue, inputs, (scratch, 0), batch, wait_for)
-        return events + [then(queue, batch, scratch, *output, wait_for=events)]
-    return run
-
-
-def acc_itemsize(dtype):
-    """Bytes of one acc_t value: float for half and float, double for double."""
-    return 8 if dtype == "float64" else 4
-
-
-def scratch_buffer(queue, elements, itemsize):
-    """A device buffer for intermediate results between a launch's kernels."""
-    return cl.Buffer(queue.context, cl.mem_flags.READ_WRITE, max(1, elements) * itemsize)
-
-
-def operands(count):
-    """The signature of count (buffer, element offset) operands."""
-    return ("buffer", "offset") * count
+    def main_args(self, problem, constants):
+        """The main kernel's arguments: the operation's, by default."""
+        return operation_args(self.operation, problem, constants)

@@ -2,7 +2,7 @@
 rows per work-item, judged by GB/s since it is memory-bound."""
 from __future__ import annotations
 
-from .base import Algorithm, Param, fitting_work_group, pow2_at_most, work_group_problem
+from .base import Algorithm, Blocks, Param, fitting_work_group, pow2_at_most, work_group_problem
 from .direct import VECTOR_WIDTHS, geometry, vector_width_problem, widest_tw
 
 
@@ -26,8 +26,9 @@ class Depthwise(Algorithm):
         reason = vector_width_problem(problem, config["tw"])
         if reason:
             return reason
-        if config["rows"] not in self.params[1].values:
-            return f"rows must be one of {self.params[1].values}"
+        rows = self.param("rows").values
+        if config["rows"] not in rows:
+            return f"rows must be one of {rows}"
         return work_group_problem((config["lx"], config["ly"], 1), info)
 
     def default_config(self, problem, info):
@@ -44,9 +45,10 @@ class Depthwise(Algorithm):
 
     def constants(self, problem, config):
         return dict(geometry(problem, config), has_bias=problem.has_bias, tw=config["tw"],
-                    rows=config["rows"], activation=None, has_residual=False)
+                    rows=config["rows"], row_blocks=Blocks(problem.out_height, config["rows"]),
+                    column_tiles=Blocks(problem.out_width, config["tw"]))
 
     def ranges(self, problem, config):
-        row_blocks = -(-problem.out_height // config["rows"])
+        row_blocks = Blocks(problem.out_height, config["rows"]).count
         return ((row_blocks, problem.batch * problem.out_channels, 1),
                 (config["lx"], config["ly"], 1))

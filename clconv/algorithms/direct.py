@@ -1,8 +1,8 @@
 """Register-tiled direct convolution: any stride, dilation, padding mode and groups."""
 from __future__ import annotations
 
-from .base import (Algorithm, Param, even_split, fitting_work_group, index_type, pow2_at_most,
-                   work_group_problem)
+from .base import (Algorithm, Blocks, Param, acc_itemsize, channel_blocks, even_split,
+                   fitting_work_group, index_type, pow2_at_most, work_group_problem)
 
 # tw is one OpenCL vector. 16-wide vectors crashed PoCL 3.0's LLVM 14 ("Do not know how to
 # scalarize") on an AVX2 target; 3-wide ones crash Oclgrind 21.10's uninitialised-value check.
@@ -57,12 +57,13 @@ class Direct(Algorithm):
 
     def constants(self, problem, config):
         return dict(geometry(problem, config), has_bias=problem.has_bias, tk=config["tk"],
-                    tw=config["tw"], unroll_kw=bool(config.get("ukw", 0)), activation=None,
-                    has_residual=False)
+                    tw=config["tw"], unroll_kw=bool(config.get("ukw", 0)),
+                    channel_blocks=channel_blocks(problem, config["tk"])[0],
+                    column_tiles=Blocks(problem.out_width, config["tw"]))
 
     def ranges(self, problem, config):
-        tiles = -(-problem.out_width // config["tw"])
-        blocks = problem.groups * -(-problem.cout_per_group // config["tk"])
+        tiles = Blocks(problem.out_width, config["tw"]).count
+        blocks = channel_blocks(problem, config["tk"])[1]
         items = (tiles, problem.batch * problem.out_height, blocks)
         return items, (config["lx"], config["ly"], config["lz"])
 
@@ -76,8 +77,8 @@ def tile_problem(problem, config, channels, most, what):
         return reason
     if not 1 <= config[channels] <= most:
         return f"{channels} must be between 1 and {what}"
-    scalars = config[channels] * config.get("tv", 1) * tw * (2 if problem.dtype == "float64"
-                                                              else 1)
+    # Accumulators in scalar registers of 4 bytes: a double takes two.
+    scalars = config[channels] * config.get("tv", 1) * tw * acc_itemsize(problem.dtype) // 4
     if scalars > MAX_ACCUMULATORS:
         return (f"{channels}*tv*tw accumulators ({scalars} scalar registers) exceed "
                 f"{MAX_ACCUMULATORS}")
@@ -107,5 +108,4 @@ def geometry(problem, config):
 
 def widest_tw(problem):
     """The widest row vector whose arithmetic (acc_t) type fits in MAX_VECTOR_BYTES."""
-    acc_bytes = 8 if problem.dtype == "float64" else 4
-    return MAX_VECTOR_BYTES // acc_bytes
+    return MAX_VECTOR_BYTES // acc_itemsize(problem.dtype)

@@ -1,12 +1,19 @@
 """Implicit GEMM for any convolution: channels x positions register tiles read densely from a
-staged grid (the padded input, split into the stride's phases when there is a stride)."""
+staged grid (the padded input, split into the stride's phases when there is a stride).
+
+The grid's layout (Grid) is computed here once: the templates (implicit_gemm, tiled_gemm,
+stage) only emit code from it, and it sizes the staged buffer.
+"""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
+from ..limits import allocation_problem
 from ..problem import INT32_LIMIT
-from .base import (Algorithm, Param, build_step, even_split, fitting_work_group, index_type,
-                   operands, pow2_at_most, round_up, scratch_buffer, work_group_problem)
+from .base import (BATCH, Algorithm, Buffer, Param, build_step, channel_blocks, even_split,
+                   fitting_work_group, index_type, param_named, pow2_at_most, round_up,
+                   scratch_buffer, work_group_problem)
 from .direct import VECTOR_WIDTHS, geometry, tile_problem, widest_tw
 
 # On a CPU the micro-kernel's tk * tv accumulator vectors, tv input vectors and one broadcast
@@ -26,11 +33,123 @@ REGISTER_TILE_PARAMS = (
     Param("lx", (1, 2, 4, 8, 16, 32), "work-group size along position tiles"),
     Param("ly", (1, 2, 4, 8), "work-group size along output-channel blocks"),
 )
+TV_VALUES = param_named(REGISTER_TILE_PARAMS, "tv").values
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Where the implicit GEMMs read, for output tiles of `tile` grid positions.
+
+    The staged grid is the padded input, split along each dimension into `phases` (the
+    stride's, or just phase 0 when every tap reads it): then each kernel tap reads one phase
+    plane at a constant offset, as in a stride-1 convolution. Each plane has `rows` x `cols`
+    values: `used_rows` rows from the input, then zero rows so that the last tile's farthest
+    tap reads inside it. Unstaged (no padding, no stride), the grid is the input itself.
+    Output (oh, ow) sits at grid position oh * cols + ow."""
+    staged: bool
+    phases: tuple           # (row phases, column phases)
+    used_rows: int
+    rows: int
+    cols: int
+    positions: int          # grid positions up to the last output
+    reach: int              # the farthest tap's offset from a position
+    tap_rows: tuple         # the offset of each kernel row's taps (phase plane included)
+    tap_cols: tuple         # ... and of each kernel column's
+    tile: int
+    idx_t: str
+
+    @property
+    def plane(self):
+        return self.rows * self.cols
+
+    @property
+    def tiles(self):
+        return -(-self.positions // self.tile)
+
+    @property
+    def channel_stride(self):
+        """Elements of one channel's phase planes."""
+        return math.prod(self.phases) * self.plane
+
+    def elements(self, batch, channels):
+        """Elements of the grid of batch images of channels channels."""
+        return batch * channels * self.channel_stride
+
+
+def staged(problem):
+    """Whether the input must be copied onto the grid first (else the GEMM reads it)."""
+    return any(problem.pad) or problem.stride != (1, 1)
+
+
+def phases(problem):
+    """(row phases, column phases): the stride's along a dimension where some tap reads
+    another phase than 0, else 1 (a 1x1 kernel, or a dilation that is a multiple of the
+    stride: staging then just samples the strided positions)."""
+    def along(k, d, s):
+        return s if any(i * d % s for i in range(k)) else 1
+    (kh, kw), (dh, dw), (sh, sw) = problem.kernel_size, problem.dilation, problem.stride
+    return along(kh, dh, sh), along(kw, dw, sw)
+
+
+def grid(problem, tile=1, idx_t=None) -> Grid:
+    """The Grid of problem for tiles of `tile` positions; idx_t forces the index type."""
+    (kh, kw), (dh, dw), (sh, sw) = problem.kernel_size, problem.dilation, problem.stride
+    is_staged = staged(problem)
+    if is_staged:
+        used_rows = problem.out_height + (kh - 1) * dh // sh
+        cols = problem.out_width + (kw - 1) * dw // sw
+        nph, npw = phases(problem)
+    else:
+        used_rows, cols, (nph, npw) = problem.height, problem.width, (1, 1)
+    positions = (problem.out_height - 1) * cols + problem.out_width
+    reach = (kh - 1) * dh // sh * cols + (kw - 1) * dw // sw
+    rows = used_rows
+    if is_staged:
+        rows = max(rows, -(-(round_up(positions, tile) + reach) // cols))
+    plane = rows * cols
+    tap_rows = tuple((i * dh % sh * npw) * plane + i * dh // sh * cols for i in range(kh))
+    tap_cols = tuple((j * dw % sw) * plane + j * dw // sw for j in range(kw))
+    elements = problem.batch * problem.in_channels * nph * npw * plane
+    idx_t = idx_t or ("long" if elements > INT32_LIMIT else index_type(problem))
+    return Grid(is_staged, (nph, npw), used_rows, rows, cols, positions, reach, tap_rows,
+                tap_cols, tile, idx_t)
+
+
+def staging_problem(problem, info, tile):
+    """Why the staged grid cannot be allocated (or None)."""
+    if not staged(problem):
+        return None
+    nbytes = grid(problem, tile).elements(problem.batch, problem.in_channels) \
+        * problem.numpy_dtype.itemsize
+    return allocation_problem("staged input", nbytes, info)
+
+
+def staging_launcher(problem, queue, layout, main):
+    """run(): stage the input onto layout's grid (when staged), then main on it."""
+    if not layout.staged:
+        return main
+    stage = build_step(
+        queue, "stage.cl.mako", "stage",
+        dict(dtype=problem.dtype, idx_t=layout.idx_t, grid=layout, stride=problem.stride,
+             pad_top=problem.pad[0], pad_left=problem.pad[2], height=problem.height,
+             width=problem.width, channels=problem.in_channels,
+             padding_mode=problem.padding_mode),
+        (Buffer("x"), Buffer("xs", const=False), BATCH),
+        lambda batch: (layout.phases[0] * layout.rows, batch * problem.in_channels))
+    itemsize = problem.numpy_dtype.itemsize
+
+    def run(queue, inputs, output, batch, wait_for):
+        scratch = scratch_buffer(queue, layout.elements(batch, problem.in_channels), itemsize)
+        first = stage(queue, batch, *inputs[0], scratch, 0, batch, wait_for=wait_for)
+        return [first] + main(queue, [(scratch, 0)] + list(inputs[1:]), output, batch,
+                              [first])
+    return run
 
 
 class ImplicitGemm(Algorithm):
     name = "implicit_gemm"
     template = "implicit_gemm.cl.mako"
+    templates = ("implicit_gemm.cl.mako", "stage.cl.mako")
     kernel_name = "implicit_gemm"
     params = REGISTER_TILE_PARAMS + (Param("ukw", (0, 1), "unroll the kernel-column loop"),)
 
@@ -41,75 +160,37 @@ class ImplicitGemm(Algorithm):
 
     def constraints(self, problem, info, config):
         return (register_tile_problem(problem, info, config)
-                or self.staging_problem(problem, info, config))
-
-    @staticmethod
-    def staging_problem(problem, info, config):
-        """Why the staged grid cannot be allocated (or None)."""
-        if staged(problem):
-            size = staged_elements(problem, config, problem.batch) * problem.numpy_dtype.itemsize
-            if size > info.max_mem_alloc_size:
-                return (f"the staged input ({size} bytes) exceeds the device's largest "
-                        f"allocation ({info.max_mem_alloc_size} bytes)")
-        return None
+                or staging_problem(problem, info, config["tv"] * config["tw"]))
 
     def default_config(self, problem, info):
         # 8 channel blocks per work-group once an image's grid is far beyond L2 (vgg's
         # 64 x 226 x 226: 172 against 145 GFLOP/s), else 4.
-        image_bytes = staged_elements(problem, None, 1) * problem.numpy_dtype.itemsize
-        return dict(register_tile_default(problem, info, positions(problem),
+        layout = grid(problem)
+        image_bytes = layout.elements(1, problem.in_channels) * problem.numpy_dtype.itemsize
+        return dict(register_tile_default(problem, info, layout.positions,
                                           8 if image_bytes > LARGE_IMAGE_BYTES else 4), ukw=0)
 
     def constants(self, problem, config):
-        return dict(self.grid_constants(problem, config), phases=phases(problem),
-                    tk=config["tk"], tv=config["tv"], tw=config["tw"],
-                    unroll_kw=bool(config.get("ukw", 0)))
-
-    @staticmethod
-    def grid_constants(problem, config):
-        """The template constants of a GEMM that reads the grid."""
-        rows, cols = grid(problem, config)
-        idx_t = config.get("idx_t") or (
-            "long" if staged_elements(problem, config, problem.batch) > INT32_LIMIT
-            else index_type(problem))
-        return dict(geometry(problem, config), idx_t=idx_t, has_bias=problem.has_bias,
-                    rows=rows, cols=cols, activation=None, has_residual=False)
+        layout = grid(problem, config["tv"] * config["tw"], config.get("idx_t"))
+        return dict(geometry(problem, config), idx_t=layout.idx_t, grid=layout,
+                    has_bias=problem.has_bias, tk=config["tk"], tv=config["tv"],
+                    tw=config["tw"], unroll_kw=bool(config.get("ukw", 0)),
+                    channel_blocks=channel_blocks(problem, config["tk"])[0])
 
     def ranges(self, problem, config):
-        tiles = -(-positions(problem) // (config["tv"] * config["tw"]))
-        blocks = problem.groups * -(-problem.cout_per_group // config["tk"])
+        tiles = grid(problem, config["tv"] * config["tw"]).tiles
+        blocks = channel_blocks(problem, config["tk"])[1]
         return (tiles, blocks, problem.batch), (config["lx"], config["ly"], 1)
 
-    def launcher(self, problem, queue, config, strict, epilogue):
-        main = super().launcher(problem, queue, config, strict, epilogue)
-        if not staged(problem):
-            return main
-        rows, cols = grid(problem, config)
-        row_phases, col_phases = phases(problem)
-        pt, _, pl, _ = problem.pad
-        stage = build_step(
-            queue, "stage.cl.mako", "stage",
-            dict(dtype=problem.dtype, idx_t=self.constants(problem, config)["idx_t"],
-                 rows=grid(problem)[0], rows_total=rows, cols=cols, stride=problem.stride,
-                 phases=(row_phases, col_phases), pad_top=pt, pad_left=pl,
-                 height=problem.height, width=problem.width, channels=problem.in_channels,
-                 padding_mode=problem.padding_mode),
-            operands(2) + ("int",),
-            lambda batch: (row_phases * rows, batch * problem.in_channels))
-        itemsize = problem.numpy_dtype.itemsize
-
-        def run(queue, inputs, output, batch, wait_for):
-            scratch = scratch_buffer(queue, staged_elements(problem, config, batch), itemsize)
-            first = stage(queue, batch, *inputs[0], scratch, 0, batch, wait_for=wait_for)
-            return [first] + main(queue, [(scratch, 0)] + list(inputs[1:]), output, batch,
-                                  [first])
-        return run
+    def launcher(self, problem, queue, config, strict, constants):
+        main = super().launcher(problem, queue, config, strict, constants)
+        return staging_launcher(problem, queue, constants["grid"], main)
 
 
 def register_tile_problem(problem, info, config):
     """Why a GEMM register tile config is invalid for problem on the device (or None)."""
-    if config["tv"] not in REGISTER_TILE_PARAMS[1].values:
-        return f"tv must be one of {REGISTER_TILE_PARAMS[1].values}"
+    if config["tv"] not in TV_VALUES:
+        return f"tv must be one of {TV_VALUES}"
     in_registers = config["tk"] * config["tv"] + config["tv"] + 1
     if info.is_cpu and in_registers > CPU_VECTOR_REGISTERS:
         return (f"tk*tv + tv + 1 = {in_registers} vectors exceed the "
@@ -132,57 +213,9 @@ def register_tile_default(problem, info, positions, most_ly):
         # A work-group of several channel blocks on one position tile shares the tile's
         # inputs in the core's caches and is one PoCL work-group launch instead of
         # several (measured: 1.2-3x over single work-items).
-        blocks = problem.groups * -(-problem.cout_per_group // tk)
-        local = (1, min(most_ly, pow2_at_most(blocks)))
+        local = (1, min(most_ly, pow2_at_most(channel_blocks(problem, tk)[1])))
     else:
         tw, tv = min(4, widest_tw(problem)), 1
         tk = even_split(problem.cout_per_group, 4)
         local = fitting_work_group((min(32, pow2_at_most(-(-positions // tw))), 1), info)
     return {"tk": tk, "tv": tv, "tw": tw, "lx": local[0], "ly": local[1]}
-
-
-def phases(problem):
-    """(row phases, column phases) of the staged grid. A strided convolution's taps read the
-    padded input at oh * s + k * d: split into s phases (padded rows a, a + s, a + 2s, ...),
-    each tap reads one phase at a constant offset, as in a stride-1 convolution. Only phase 0
-    is staged when every tap reads it (a 1x1 kernel, or a dilation that is a multiple of the
-    stride): then staging just samples the strided positions."""
-    def along(k, d, s):
-        return s if any(i * d % s for i in range(k)) else 1
-    (kh, kw), (dh, dw), (sh, sw) = problem.kernel_size, problem.dilation, problem.stride
-    return along(kh, dh, sh), along(kw, dw, sw)
-
-
-def grid(problem, config=None):
-    """(rows, cols) of one phase plane of the grid the GEMM reads: the padded input's phase
-    for a staged convolution (the padded input itself at stride 1), the input when there is
-    nothing to stage. Given a config, rows include the zero rows a staged grid gets so that
-    the last tile's farthest tap is inside it."""
-    if not staged(problem):
-        return problem.height, problem.width
-    (kh, kw), (dh, dw), (sh, sw) = problem.kernel_size, problem.dilation, problem.stride
-    rows = problem.out_height + (kh - 1) * dh // sh
-    cols = problem.out_width + (kw - 1) * dw // sw
-    if config is not None:
-        tile = config["nwg"] if "nwg" in config else config["tv"] * config["tw"]
-        farthest = (round_up(positions(problem), tile) + (kh - 1) * dh // sh * cols
-                    + (kw - 1) * dw // sw)
-        rows = max(rows, -(-farthest // cols))
-    return rows, cols
-
-
-def staged_elements(problem, config, batch):
-    """Elements of the staged input of batch images (config None: without the slack rows)."""
-    rows, cols = grid(problem, config)
-    return batch * problem.in_channels * math.prod(phases(problem)) * rows * cols
-
-
-def staged(problem):
-    """Whether the input must be copied onto the grid first (else the GEMM reads it)."""
-    return any(problem.pad) or problem.stride != (1, 1)
-
-
-def positions(problem):
-    """Grid positions up to the last output."""
-    cols = grid(problem)[1]
-    return (problem.out_height - 1) * cols + problem.out_width

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import dataclasses
 
-from .base import (Algorithm, Param, build_step, even_split, fitting_work_group, index_type,
-                   operands, with_scratch, work_group_problem)
+from .. import programs
+from .base import (Algorithm, Blocks, Buffer, Param, build_step, channel_blocks, even_split,
+                   fitting_work_group, index_type, operation_args, with_scratch,
+                   work_group_problem)
 from .direct import VECTOR_WIDTHS, geometry, tile_problem, widest_tw, work_group_params
 
 
@@ -12,6 +14,7 @@ class InputGrad(Algorithm):
     operation = "input_grad"
     name = "input_grad"
     template = "input_grad.cl.mako"
+    templates = ("input_grad.cl.mako", "fold_padding.cl.mako")
     kernel_name = "conv2d_input_grad"
     params = (
         Param("tc", tuple(range(1, 17)), "input channels per work-item"),
@@ -34,27 +37,34 @@ class InputGrad(Algorithm):
 
     def constants(self, problem, config):
         rows, cols, row0, col0 = _target(problem)
-        # The padded plane may need wider indices than the input.
+        padded_target = problem.padding_mode != "zeros"
+        storage_t, acc_t = programs.c_types(problem.dtype)
+        # The padded plane may need wider indices than the input; it is kept in acc_t, so
+        # half rounds once, after fold_padding's sum.
         return dict(geometry(problem, config),
                     idx_t=config.get("idx_t") or index_type(padded(problem)),
                     rows=rows, cols=cols, row0=row0, col0=col0,
-                    padded_target=problem.padding_mode != "zeros", tc=config["tc"],
-                    tw=config["tw"])
+                    out_t=acc_t if padded_target else storage_t,
+                    tc=config["tc"], tw=config["tw"],
+                    channel_blocks=channel_blocks(problem, config["tc"], of="cin")[0],
+                    column_tiles=Blocks(cols, config["tw"]))
+
+    def main_args(self, problem, constants):
+        return operation_args(self.operation, problem, out_type="out_t")
 
     def ranges(self, problem, config):
         rows, cols = _target(problem)[:2]
-        blocks = problem.groups * -(-problem.cin_per_group // config["tc"])
-        items = (-(-cols // config["tw"]), problem.batch * rows, blocks)
+        items = (Blocks(cols, config["tw"]).count, problem.batch * rows,
+                 channel_blocks(problem, config["tc"], of="cin")[1])
         return items, (config["lx"], config["ly"], config["lz"])
 
-    def launcher(self, problem, queue, config, strict, epilogue):
-        main = super().launcher(problem, queue, config, strict, epilogue)
+    def launcher(self, problem, queue, config, strict, constants):
+        main = super().launcher(problem, queue, config, strict, constants)
         if problem.padding_mode == "zeros":
             return main
         # Other modes: the gradient of the whole padded plane, then folded onto the input.
-        constants = self.constants(problem, config)
         fold = build_step(queue, "fold_padding.cl.mako", "fold_padding", constants,
-                          ("buffer",) + operands(1),
+                          (Buffer("dxp", "acc_t", offset=False), Buffer("dx", const=False)),
                           lambda batch: (problem.width, problem.height,
                                          batch * problem.in_channels))
         rows, cols = _target(problem)[:2]

@@ -3,8 +3,10 @@ work-group stages a weight tile and an input tile of the implicit GEMM's grid in
 memory and every work-item accumulates a small block of outputs from there."""
 from __future__ import annotations
 
-from .base import Param, acc_itemsize, fitting_work_group, pow2_at_most, work_group_problem
-from .implicit_gemm import ImplicitGemm, phases, positions, staged
+from .base import (Algorithm, Param, acc_itemsize, channel_blocks, fitting_work_group,
+                   pow2_at_most, work_group_problem)
+from .direct import geometry
+from .implicit_gemm import grid, staging_launcher, staging_problem
 
 # The most accumulators per work-item (registers, not local memory, hold them).
 MOST_OUTPUTS_PER_ITEM = 64
@@ -12,9 +14,20 @@ MOST_OUTPUTS_PER_ITEM = 64
 CHUNK_K = 32
 
 
-class TiledGemm(ImplicitGemm):
+def taps(problem):
+    return problem.kernel_size[0] * problem.kernel_size[1]
+
+
+def local_bytes(problem, config):
+    """Local memory of the weight and input tiles."""
+    k_values = config["cib"] * taps(problem)
+    return k_values * (config["mwg"] + config["nwg"]) * acc_itemsize(problem.dtype)
+
+
+class TiledGemm(Algorithm):
     name = "tiled_gemm"
     template = "tiled_gemm.cl.mako"
+    templates = ("tiled_gemm.cl.mako", "stage.cl.mako")
     kernel_name = "tiled_gemm"
     params = (
         Param("mwg", (16, 32, 64, 128), "output channels per work-group"),
@@ -45,7 +58,7 @@ class TiledGemm(ImplicitGemm):
         if local > info.local_mem_size:
             return (f"the tiles' {local} bytes exceed the device's {info.local_mem_size} "
                     f"bytes of local memory")
-        return (self.staging_problem(problem, info, config)
+        return (staging_problem(problem, info, nwg)
                 or work_group_problem((ndim, mdim, 1), info))
 
     def default_config(self, problem, info):
@@ -54,33 +67,26 @@ class TiledGemm(ImplicitGemm):
         ndim, mdim, _ = fitting_work_group((16, 16, 1), info)
         config = {"mwg": 64 if problem.cout_per_group > 32 else 32, "nwg": 64,
                   "mdim": mdim, "ndim": ndim,
-                  "cib": min(pow2_at_most(CHUNK_K // self.taps(problem)),
+                  "cib": min(pow2_at_most(CHUNK_K // taps(problem)),
                              pow2_at_most(problem.cin_per_group))}
         while local_bytes(problem, config) > info.local_mem_size and config["cib"] > 1:
             config["cib"] //= 2
         return config
 
-    @staticmethod
-    def taps(problem):
-        return problem.kernel_size[0] * problem.kernel_size[1]
-
     def constants(self, problem, config):
-        return dict(self.grid_constants(problem, config), staged=staged(problem),
-                    phases=phases(problem), mwg=config["mwg"], nwg=config["nwg"],
-                    mdim=config["mdim"], ndim=config["ndim"], cib=config["cib"])
+        layout = grid(problem, config["nwg"], config.get("idx_t"))
+        return dict(geometry(problem, config), idx_t=layout.idx_t, grid=layout,
+                    has_bias=problem.has_bias, mwg=config["mwg"], nwg=config["nwg"],
+                    mdim=config["mdim"], ndim=config["ndim"], cib=config["cib"],
+                    channel_blocks=channel_blocks(problem, config["mwg"])[0])
 
     def ranges(self, problem, config):
-        tiles = -(-positions(problem) // config["nwg"])
-        blocks = problem.groups * -(-problem.cout_per_group // config["mwg"])
+        tiles = grid(problem, config["nwg"]).tiles
+        blocks = channel_blocks(problem, config["mwg"])[1]
         return ((tiles * config["ndim"], blocks * config["mdim"], problem.batch),
                 (config["ndim"], config["mdim"], 1))
 
-    def launcher(self, problem, queue, config, strict, epilogue):
+    def launcher(self, problem, queue, config, strict, constants):
         # The kernel's barriers need the work-group it was written for: never shrunk.
-        return super().launcher(problem, queue, config, True, epilogue)
-
-
-def local_bytes(problem, config):
-    """Local memory of the weight and input tiles."""
-    k_values = config["cib"] * TiledGemm.taps(problem)
-    return k_values * (config["mwg"] + config["nwg"]) * acc_itemsize(problem.dtype)
+        main = super().launcher(problem, queue, config, True, constants)
+        return staging_launcher(problem, queue, constants["grid"], main)

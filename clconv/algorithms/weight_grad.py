@@ -1,17 +1,22 @@
 """The weight gradient: a split reduction over batch * output rows, vectorised along rows."""
 from __future__ import annotations
 
-from .base import (Algorithm, Param, build_step, fitting_work_group, index_type, operands,
-                   with_scratch, work_group_problem)
+from .. import programs
+from .base import (Algorithm, Blocks, Buffer, Param, build_step, channel_blocks,
+                   fitting_work_group, index_type, operation_args, with_scratch,
+                   work_group_problem)
 from .direct import VECTOR_WIDTHS, geometry, tile_problem, widest_tw
 
 SPLITS = (1, 2, 4, 8, 16, 32, 64, 128)
+# sum_splits: the partial sums (acc_t), then the output.
+SUM_SPLITS_ARGS = (Buffer("partial", "acc_t", offset=False), Buffer("out", const=False))
 
 
 class WeightGrad(Algorithm):
     operation = "weight_grad"
     name = "weight_grad"
     template = "weight_grad.cl.mako"
+    templates = ("weight_grad.cl.mako", "sum_splits.cl.mako")
     kernel_name = "conv2d_weight_grad"
     params = (
         Param("tk", (1, 2, 3, 4, 6, 8, 12, 16), "output channels per work-item"),
@@ -32,10 +37,10 @@ class WeightGrad(Algorithm):
         w_out = problem.out_width
         tw = min(8 if w_out >= 8 else 4 if w_out >= 4 else 2 if w_out >= 2 else 1,
                  widest_tw(problem))
-        tk = max(v for v in self.params[0].values if v <= min(4, problem.cout_per_group))
+        tk = max(v for v in self.param("tk").values if v <= min(4, problem.cout_per_group))
         # Enough independent sums to fill the device, each over at least 8 rows.
         outputs = (problem.cin_per_group * problem.kernel_size[0] * problem.kernel_size[1]
-                   * problem.groups * -(-problem.cout_per_group // tk))
+                   * channel_blocks(problem, tk)[1])
         want = 16 * info.compute_units if info.is_cpu else 16 * 1024
         rows = problem.batch * problem.out_height
         splits = 1
@@ -45,17 +50,24 @@ class WeightGrad(Algorithm):
         return {"tk": tk, "tw": tw, "splits": splits, "lx": local[0], "ly": local[1]}
 
     def constants(self, problem, config):
+        storage_t, acc_t = programs.c_types(problem.dtype)
         return dict(geometry(problem, config), tk=config["tk"], tw=config["tw"],
-                    splits=config["splits"])
+                    splits=config["splits"],
+                    out_t=acc_t if config["splits"] > 1 else storage_t,
+                    channel_blocks=channel_blocks(problem, config["tk"])[0],
+                    column_vectors=Blocks(problem.out_width, config["tw"]))
+
+    def main_args(self, problem, constants):
+        return operation_args(self.operation, problem, out_type="out_t")
 
     def ranges(self, problem, config):
         kh, kw = problem.kernel_size
-        blocks = problem.groups * -(-problem.cout_per_group // config["tk"])
-        items = (problem.cin_per_group * kh * kw, blocks, config["splits"])
+        items = (problem.cin_per_group * kh * kw, channel_blocks(problem, config["tk"])[1],
+                 config["splits"])
         return items, (config["lx"], config["ly"], 1)
 
-    def launcher(self, problem, queue, config, strict, epilogue):
-        main = super().launcher(problem, queue, config, strict, epilogue)
+    def launcher(self, problem, queue, config, strict, constants):
+        main = super().launcher(problem, queue, config, strict, constants)
         splits = config["splits"]
         if splits == 1:
             return main
@@ -63,6 +75,5 @@ class WeightGrad(Algorithm):
                                                                  * problem.kernel_size[1])
         total = build_step(queue, "sum_splits.cl.mako", "sum_splits",
                            dict(dtype=problem.dtype, idx_t=index_type(problem), count=count,
-                                splits=splits),
-                           ("buffer",) + operands(1), lambda batch: (count,))
+                                splits=splits), SUM_SPLITS_ARGS, lambda batch: (count,))
         return with_scratch(main, total, lambda batch: splits * count, problem.dtype)

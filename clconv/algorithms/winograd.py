@@ -3,13 +3,20 @@
 Four kernels of one template: transform the weights and the input tiles, 16 GEMMs (the
 implicit GEMM's register tile), transform the products back into 2x2 output tiles with the
 bias and the epilogue. The GEMM's positions are the tiles of the whole batch.
+
+The scratch layout (WinogradLayout) is computed here once: the template only reads it, and
+the batch-dependent strides reach the kernels as arguments computed from it at launch.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+
 from .. import options
+from ..limits import allocation_problem
 from ..problem import INT32_LIMIT
-from .base import (Algorithm, acc_itemsize, build_step, index_type, operands, round_up,
-                   scratch_buffer)
+from ..programs import Buffer, Scalar
+from .base import (BATCH, Algorithm, acc_itemsize, build_step, channel_blocks, index_type,
+                   operation_args, round_up, scratch_buffer)
 from .direct import geometry
 from .implicit_gemm import (LARGE_IMAGE_BYTES, REGISTER_TILE_PARAMS, register_tile_default,
                             register_tile_problem)
@@ -22,40 +29,94 @@ PLANE_ALIGN, PLANE_SKEW = 1024, 16
 MIN_OUTPUTS = 128           # per filter, for the heuristic to prefer it (see preferred())
 
 
+@dataclass(frozen=True)
+class WinogradLayout:
+    """Where the transformed operands lie. U[xi][k][c] (transformed weights), V[xi][ci][p]
+    (transformed input tiles) and M[xi][k][p] (products) each hold TRANSFORM_POINTS planes,
+    `plane(n)` elements apart for planes of n values. Tiles p run over the whole batch (image,
+    tile row, tile column), padded with zeros to `ppad(batch)`, a multiple of the GEMM's tile
+    of `tile` positions."""
+    tile_rows: int          # 2x2 output tiles per image: rows
+    tile_cols: int          # ... and columns
+    tile: int               # the GEMM's positions per work-item (tv * tw)
+    filters: int            # U's values per plane: out_channels * cin_per_group
+    in_channels: int
+    out_channels: int
+    plane_align: int
+    plane_skew: int
+    idx_t: str
+
+    @property
+    def tiles(self):
+        """Output tiles per image."""
+        return self.tile_rows * self.tile_cols
+
+    def plane(self, elements):
+        """The stride of planes of elements values."""
+        return round_up(elements, self.plane_align) + self.plane_skew
+
+    @property
+    def uplane(self):
+        """U's plane stride (no batch in it: a rendered constant)."""
+        return self.plane(self.filters)
+
+    def ppad(self, batch):
+        """The batch's tiles, padded to the GEMM's tile."""
+        return round_up(batch * self.tiles, self.tile)
+
+    def vplane(self, batch):
+        return self.plane(self.in_channels * self.ppad(batch))
+
+    def mplane(self, batch):
+        return self.plane(self.out_channels * self.ppad(batch))
+
+    def scratch_elements(self, batch):
+        """Elements of U, V and M for batch images."""
+        return tuple(TRANSFORM_POINTS * n for n in (self.uplane, self.vplane(batch),
+                                                    self.mplane(batch)))
+
+
 def fits(problem):
     """Whether problem has the shape Winograd F(2x2, 3x3) computes."""
     return (problem.kernel_size == (3, 3) and problem.stride == (1, 1)
             and problem.dilation == (1, 1))
 
 
-def tiles(problem):
-    """2x2 output tiles per image: (rows, columns)."""
-    return -(-problem.out_height // 2), -(-problem.out_width // 2)
+def layout(problem, tile=1, idx_t=None) -> WinogradLayout:
+    """The WinogradLayout of problem for a GEMM tile of `tile` positions; idx_t forces the
+    index type (else long once a scratch buffer at problem's batch outgrows 32-bit indices)."""
+    shape = WinogradLayout(-(-problem.out_height // 2), -(-problem.out_width // 2), tile,
+                           problem.out_channels * problem.cin_per_group, problem.in_channels,
+                           problem.out_channels, PLANE_ALIGN, PLANE_SKEW, "int")
+    long_scratch = max(shape.scratch_elements(problem.batch)) > INT32_LIMIT
+    return replace(shape, idx_t=idx_t or ("long" if long_scratch else index_type(problem)))
+
+
+def config_layout(problem, config):
+    return layout(problem, config["tv"] * config["tw"], config.get("idx_t"))
 
 
 def transformed_image_bytes(problem):
     """Bytes of one image's transformed input (V)."""
-    rows, cols = tiles(problem)
-    return TRANSFORM_POINTS * problem.in_channels * rows * cols * acc_itemsize(problem.dtype)
+    return (TRANSFORM_POINTS * problem.in_channels * layout(problem).tiles
+            * acc_itemsize(problem.dtype))
 
 
-def padded_tiles(problem, config):
-    """The batch's tiles, padded to the GEMM's tile of positions."""
-    rows, cols = tiles(problem)
-    return round_up(problem.batch * rows * cols, config["tv"] * config["tw"])
+# The batch-dependent strides, kernel arguments (computed from the layout at launch).
+PPAD, VPLANE, MPLANE = Scalar("ppad", "idx_t"), Scalar("vplane", "idx_t"), \
+    Scalar("mplane", "idx_t")
+U, V, M = (Buffer(name, type="acc_t") for name in "uvm")
 
 
-def plane(elements):
-    """The stride of planes of elements values (the template's PLANE)."""
-    return round_up(elements, PLANE_ALIGN) + PLANE_SKEW
-
-
-def scratch_elements(problem, config):
-    """Elements of U (transformed weights), V (transformed input) and M (products)."""
-    ppad = padded_tiles(problem, config)
-    return tuple(TRANSFORM_POINTS * plane(n) for n in (
-        problem.out_channels * problem.cin_per_group, problem.in_channels * ppad,
-        problem.out_channels * ppad))
+def kernel_args(problem, constants):
+    """Each kernel's arguments: name -> (Buffer/Scalar, ...)."""
+    forward = operation_args("forward", problem, constants)     # x, w, [b], [res], y, batch
+    return {
+        "winograd_weights": (Buffer("w"), replace(U, const=False)),
+        "winograd_input": (Buffer("x"), replace(V, const=False), BATCH, PPAD, VPLANE),
+        "winograd_gemm": (U, V, replace(M, const=False), PPAD, VPLANE, MPLANE),
+        "winograd_output": (M,) + forward[2:] + (PPAD, MPLANE),
+    }
 
 
 class Winograd(Algorithm):
@@ -82,58 +143,56 @@ class Winograd(Algorithm):
         reason = register_tile_problem(problem, info, config)
         if reason:
             return reason
-        largest = max(scratch_elements(problem, config)) * acc_itemsize(problem.dtype)
-        if largest > info.max_mem_alloc_size:
-            return (f"the transformed operands ({largest} bytes) exceed the device's largest "
-                    f"allocation ({info.max_mem_alloc_size} bytes)")
-        return None
+        largest = max(config_layout(problem, config).scratch_elements(problem.batch))
+        return allocation_problem("largest transformed operand",
+                                  largest * acc_itemsize(problem.dtype), info)
 
     def default_config(self, problem, info):
         # The GEMMs' reduction is short (the group's input channels), so every channel
         # block re-reads a V tile for few multiplies: 8 blocks per work-group share it in
         # the core's caches (measured: 64@56 at batch 8, 5.3 against 12.3 ms with 4).
-        rows, cols = tiles(problem)
-        return register_tile_default(problem, info, problem.batch * rows * cols, 8)
+        return register_tile_default(problem, info, problem.batch * layout(problem).tiles, 8)
 
     def constants(self, problem, config):
-        long_scratch = max(scratch_elements(problem, config)) > INT32_LIMIT
-        idx_t = config.get("idx_t") or ("long" if long_scratch else index_type(problem))
-        return dict(geometry(problem, config), idx_t=idx_t, has_bias=problem.has_bias,
-                    tk=config["tk"], tv=config["tv"], tw=config["tw"], plane_align=PLANE_ALIGN,
-                    plane_skew=PLANE_SKEW, activation=None, has_residual=False)
+        shape = config_layout(problem, config)
+        return dict(geometry(problem, config), idx_t=shape.idx_t, layout=shape,
+                    has_bias=problem.has_bias, tk=config["tk"], tv=config["tv"],
+                    tw=config["tw"], channel_blocks=channel_blocks(problem, config["tk"])[0])
 
     def ranges(self, problem, config):
-        blocks = problem.groups * -(-problem.cout_per_group // config["tk"])
-        positions = padded_tiles(problem, config) // (config["tv"] * config["tw"])
-        return (positions, blocks, TRANSFORM_POINTS), (config["lx"], config["ly"], 1)
+        shape = config_layout(problem, config)
+        positions = shape.ppad(problem.batch) // shape.tile
+        return ((positions, channel_blocks(problem, config["tk"])[1], TRANSFORM_POINTS),
+                (config["lx"], config["ly"], 1))
 
-    def launcher(self, problem, queue, config, strict, epilogue):
-        constants = dict(self.constants(problem, config), **(epilogue or {}))
-        tile_rows = tiles(problem)[0]
-        extras = len(self.inputs(problem, constants)) - 2       # bias, residual
+    def launcher(self, problem, queue, config, strict, constants):
+        shape = constants["layout"]
+        args = kernel_args(problem, constants)
 
-        def step(kernel, count, items, local=None):
-            return build_step(queue, self.template, kernel, constants,
-                              operands(count) + ("int",), items, local, strict)
-        weights = step("winograd_weights", 2,
-                       lambda batch: (problem.out_channels * problem.cin_per_group,))
-        inputs = step("winograd_input", 2,
-                      lambda batch: (tile_rows, batch * problem.in_channels))
-        gemm = step("winograd_gemm", 3,
+        def step(kernel, items, local=None):       # the template renders `entry` alone
+            return build_step(queue, self.template, kernel, dict(constants, entry=kernel),
+                              args[kernel], items, local, strict)
+        weights = step("winograd_weights", lambda batch: (shape.filters,))
+        inputs = step("winograd_input",
+                      lambda batch: (shape.tile_rows, batch * problem.in_channels))
+        gemm = step("winograd_gemm",
                     lambda batch: self.ranges(problem.with_batch(batch), config)[0],
                     self.ranges(problem, config)[1])
-        output = step("winograd_output", 2 + extras,
-                      lambda batch: (tile_rows, batch * problem.out_channels))
+        output = step("winograd_output",
+                      lambda batch: (shape.tile_rows, batch * problem.out_channels))
         itemsize = acc_itemsize(problem.dtype)
 
         def run(queue, operands_in, out, batch, wait_for):
-            sizes = scratch_elements(problem.with_batch(batch), config)
-            u, v, m = (scratch_buffer(queue, n, itemsize) for n in sizes)
+            u, v, m = (scratch_buffer(queue, n, itemsize)
+                       for n in shape.scratch_elements(batch))
+            ppad, vplane, mplane = shape.ppad(batch), shape.vplane(batch), shape.mplane(batch)
             (x, w), extra = operands_in[:2], [a for pair in operands_in[2:] for a in pair]
-            events = [weights(queue, batch, *w, u, 0, batch, wait_for=wait_for),
-                      inputs(queue, batch, *x, v, 0, batch, wait_for=wait_for)]
-            events.append(gemm(queue, batch, u, 0, v, 0, m, 0, batch, wait_for=events[:2]))
-            events.append(output(queue, batch, m, 0, *extra, *out, batch,
+            events = [weights(queue, batch, *w, u, 0, wait_for=wait_for),
+                      inputs(queue, batch, *x, v, 0, batch, ppad, vplane,
+                             wait_for=wait_for)]
+            events.append(gemm(queue, batch, u, 0, v, 0, m, 0, ppad, vplane, mplane,
+                               wait_for=events[:2]))
+            events.append(output(queue, batch, m, 0, *extra, *out, batch, ppad, mplane,
                                  wait_for=events[2:]))
             return events
         return run

@@ -14,6 +14,7 @@ a shared machine does not win on that luck: the winner is the best median of tho
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import random
 import time
@@ -23,18 +24,19 @@ import numpy as np
 import pyopencl as cl
 import pyopencl.array as cl_array
 
-from .. import algorithms
-from ..device import device_info
-from ..functional import check_device_limits
-from ..programs import BuildError
-from ..reference import Check, test_case
-from .cache import signature
+from . import algorithms, options, store
+from .device import device_info
+from .limits import check_device_limits
+from .programs import BuildError
+from .reference import Check, test_case
+from .store import signature
 
 EXHAUSTIVE_LIMIT = 64           # spaces up to this size are tried in full
 SAMPLING_SHARE = 0.4            # of the budget, spent on random samples before refining
 EARLY_STOP = 2.0                # stop timing a candidate this many times slower than the best
 CONFIRM_SHARE = 0.15            # of the budget, kept to re-time the finalists side by side
 CONFIRM_TOP = 3                 # finalists (plus the default)
+log = logging.getLogger("clconv.autotune")
 
 
 @dataclass
@@ -78,7 +80,7 @@ class TuneResult:
     def entry(self):
         """The cache entry of the winner."""
         return {"algorithm": self.best.algorithm, "config": self.best.config,
-                "ms": round(self.best.ms, 6),
+                "sources": store.sources_of(self.best.algorithm), "ms": round(self.best.ms, 6),
                 "default_ms": round(self.default.ms, 6) if self.default.ok else None,
                 "batch": self.problem.batch, "candidates_tried": len(self.trials),
                 "space": self.space, "tuning_seconds": round(self.seconds, 1),
@@ -266,3 +268,17 @@ class Tuner:
 def _first_line(err):
     text = str(err).strip()
     return text.splitlines()[0][:160] if text else type(err).__name__
+
+
+def tune_problem(problem, queue, budget=None, remember=True, progress=None,
+                 operation="forward"):
+    """Tune one operation of a Problem on queue's device; record the winner in the cache
+    (remember=True)."""
+    budget = options.check_budget(budget)
+    result = Tuner(problem, queue, operation=operation).run(budget, progress=progress)
+    if result.best is None:
+        log.warning("no candidate for %s gave the right answer; keeping the heuristic",
+                    result.signature)
+    elif remember:
+        store.record(device_info(queue.device), {result.signature: result.entry()})
+    return result

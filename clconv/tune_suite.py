@@ -1,21 +1,18 @@
 """`clconv tune`: tune a layer suite on one device, with a progress bar and a before/after
-table (heuristic default vs tuned), and remember the winners."""
+table (heuristic default vs tuned), and remember the winners (in the store)."""
 from __future__ import annotations
 
 import sys
 import time
 from dataclasses import dataclass
 
-from .. import algorithms
-from ..bench import describe, geomean
-from ..device import device_info
-from ..suites import layer_problem, load_suite
-from . import record
-from .cache import cache_entries, cache_path, export_database, signature
+from tqdm import tqdm
+
+from . import algorithms
+from .device import device_info
 from .search import Tuner
-
-BAR_WIDTH = 20
-
+from .store import cache_entries, cache_path, export_database, is_current, record, signature
+from .suites import describe, geomean, layer_problem, load_suite
 
 @dataclass
 class SuiteRow:
@@ -34,37 +31,37 @@ class SuiteRow:
 
 
 class ProgressBar:
-    """One status line on a terminal (redrawn in place); one line per layer otherwise."""
+    """On a terminal, tqdm's bar with the current layer and its best time so far; on any
+    other stream (a log, CI) one line per layer, where redraws would only add noise."""
 
     def __init__(self, total, stream=sys.stderr):
         self.total, self.stream = total, stream
         self.live = hasattr(stream, "isatty") and stream.isatty()
+        self.bar = tqdm(total=total, file=stream, disable=not self.live, leave=False,
+                        bar_format="{bar:20} {desc}", dynamic_ncols=True)
 
     def layer(self, index, name):
         self.index, self.name = index, name
-        self._show(f"{name} ...", final=not self.live)
+        if self.live:
+            self.bar.update(index - 1 - self.bar.n)
+            self.bar.set_description_str(f"[{index}/{self.total}] {name} ...")
+        else:
+            self.stream.write(f"[{index}/{self.total}] {name} ...\n")
+            self.stream.flush()
 
     def update(self, result, budget):
         if self.live:
             best = f"best {result.best.ms:.3f} ms" if result.best else "no valid candidate yet"
-            self._show(f"{self.name}: {len(result.trials)} tried, {best}, "
-                       f"{result.seconds:.0f}/{budget:.0f} s")
-
-    def _show(self, text, final=False):
-        done = int(BAR_WIDTH * (self.index - 1) / self.total)
-        line = (f"[{self.index}/{self.total}] [{'#' * done}{'.' * (BAR_WIDTH - done)}] "
-                f"{text}")
-        if self.live:
-            self.stream.write("\r\033[K" + line[:160])
-        else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
+            self.bar.set_description_str(
+                f"[{self.index}/{self.total}] {self.name}: {len(result.trials)} tried, {best}, "
+                f"{result.seconds:.0f}/{budget:.0f} s")
 
     def clear(self):
-        """Wipe the status line so that other output starts at its column 0."""
-        if self.live:
-            self.stream.write("\r\033[K")
-            self.stream.flush()
+        """Wipe the bar so that other output starts at its column 0 (tqdm redraws it)."""
+        self.bar.clear()
+
+    def close(self):
+        self.bar.close()
 
 
 def tune_layer(problem, queue, budget, retune, progress, operation="forward"):
@@ -73,7 +70,7 @@ def tune_layer(problem, queue, budget, retune, progress, operation="forward"):
     info = device_info(queue.device)
     cached = cache_entries(info).get(signature(problem, operation=operation))
     tuner = Tuner(problem, queue, operation=operation)
-    if cached is not None and not retune:
+    if cached is not None and is_current(cached) and not retune:
         default_alg, default_config = algorithms.choose(problem, info, operation)
         default = tuner.evaluate(default_alg, default_config)
         mine = tuner.evaluate(algorithms.ALGORITHMS[cached["algorithm"]], cached["config"])
@@ -126,6 +123,7 @@ def main(queue, suite=None, only=None, batch=None, budget=20.0, retune=False, ex
         rows.append(row)
         bar.clear()
         print(format_row(row), file=out, flush=True)
+    bar.close()
     print(RULE, file=out)
     speedups = [r.speedup for r in rows if r.speedup]
     mean = geomean(speedups)

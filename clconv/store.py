@@ -1,15 +1,21 @@
-"""The tuning cache: one human-readable JSON file per device, plus shipped databases.
+"""The tuning store: one human-readable JSON file per device, plus shipped databases.
 
-A cache file's name and its header carry the key: device name, vendor, platform, driver
-version and the hash of clconv's kernel sources. A driver update or a kernel change therefore
-looks in a different file and never reuses a stale entry. Entries map a problem signature to
-the winning algorithm, its parameters and the measured times.
+A cache file's name and its header carry the device's key: name, vendor, platform and
+driver version, so a driver update looks in another file. Entries map a problem signature
+to the winning algorithm, its parameters, the measured times and `sources`: the hash of the
+templates that algorithm renders (programs.sources_hash). An entry whose sources differ from
+the installed templates' is out of date and silently skipped, so editing one template
+invalidates exactly the entries of the algorithms that render it.
 
-Writes hold a lock (lock.py), re-read the file, merge, and replace it atomically (temporary
-file + rename), so concurrent tuners lose nothing. A corrupt, truncated or foreign file gives
-one warning and is ignored; the next write rebuilds it. Databases (tuning/database/*.json,
-or `clconv tune --export`) have the same entries and a `match` of regular expressions on the
-device; they are the fallback below the user's own cache.
+Writes hold a cross-process lock (filelock, on <file>.lock), re-read the file, merge, and
+replace it atomically (temporary file + rename), so concurrent tuners lose nothing. A
+corrupt, truncated or foreign file gives one warning and is ignored; the next write rebuilds
+it. Every write bumps generation(), which the planner's memo keys include, so plans made
+from older entries are not reused. Databases (tuning/database/*.json, or `clconv tune
+--export`) hold the same entries and a `match` of regular expressions on the device; they are
+the fallback below the user's own cache. Every entry from either is validated against its
+algorithm (known, of the operation, applies, suits the device, its declared parameters and
+values, its constraints) before it is used.
 """
 from __future__ import annotations
 
@@ -20,20 +26,23 @@ import os
 import re
 import tempfile
 import warnings
+from functools import lru_cache
 from pathlib import Path
 
-from .. import __version__, options, programs
-from ..algorithms import winograd
-from ..paths import cache_dir, shipped_dir
-from .lock import locked
+from filelock import FileLock
+
+from . import algorithms, options, programs
+from .algorithms import winograd
+from .paths import cache_dir, shipped_dir
+from .version import __version__
 
 CACHE_FORMAT = "clconv-tuning-cache"
 DATABASE_FORMAT = "clconv-tuning-database"
-VERSION = 1
+VERSION = 2         # 2: sources per entry (1 had one hash of all templates per file)
 
 
 class TuningCacheWarning(UserWarning):
-    """A tuning cache or database file was unreadable and is being ignored."""
+    """A tuning cache or database file, or an entry of one, is unusable and being ignored."""
 
 
 def signature(problem, batch=True, operation="forward"):
@@ -51,20 +60,40 @@ def signature(problem, batch=True, operation="forward"):
     return f"{text} n{p.batch}" if batch else text
 
 
+@lru_cache(maxsize=None)
+def sources_of(algorithm_name):
+    """The hash of the templates an algorithm renders (with their includes)."""
+    return programs.sources_hash(algorithms.ALGORITHMS[algorithm_name].rendered_templates())
+
+
+_generation = [0]
+
+
+def generation():
+    """A counter bumped by every write of the cache in this process."""
+    return _generation[0]
+
+
+def state():
+    """What the store's answers depend on besides the problem: the generation, the cache
+    directory and the databases' directory (a plan memo key)."""
+    return _generation[0], os.environ.get("CLCONV_CACHE_DIR"), str(databases_dir())
+
+
 def device_key(info):
     return {"name": info.name, "vendor": info.vendor, "platform": info.platform,
             "driver_version": info.driver_version}
 
 
 def cache_path(info) -> Path:
-    """This device's cache file under the current driver and kernel sources."""
-    key = json.dumps([device_key(info), programs.sources_hash()])
+    """This device's cache file under the current driver."""
+    key = json.dumps(device_key(info))
     slug = re.sub(r"[^A-Za-z0-9]+", "-", info.name).strip("-")[:48] or "device"
     return cache_dir() / "tuning" / f"{slug}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.json"
 
 
 def other_cache_files(info):
-    """Files of the same device made under another driver or kernel version (ignored)."""
+    """Files of the same device made under another driver (ignored)."""
     mine = cache_path(info)
     stem = mine.stem.rsplit("-", 1)[0]
     return sorted(p for p in mine.parent.glob(f"{stem}-*.json") if p != mine)
@@ -110,11 +139,12 @@ def _valid_entries(data, path, fmt, expect):
 
 def _is_entry(e):
     return (isinstance(e, dict) and isinstance(e.get("algorithm"), str)
-            and isinstance(e.get("config"), dict) and isinstance(e.get("batch"), int))
+            and isinstance(e.get("config"), dict) and isinstance(e.get("batch"), int)
+            and isinstance(e.get("sources"), (str, type(None))))
 
 
 def _cache_header(info):
-    return {"device": device_key(info), "sources_hash": programs.sources_hash()}
+    return {"device": device_key(info)}
 
 
 _memo: dict = {}     # path -> ((mtime_ns, size), entries)
@@ -140,24 +170,32 @@ def cache_entries(info):
                                                 _cache_header(info)))
 
 
+def _stamped(entry):
+    """entry with the sources of its algorithm when it names none (a hand-made entry)."""
+    if entry.get("sources") is None and entry.get("algorithm") in algorithms.ALGORITHMS:
+        entry = dict(entry, sources=sources_of(entry["algorithm"]))
+    return entry
+
+
 def record(info, new_entries, replace=False):
     """Merge new_entries into this device's cache file; returns the file's path.
-    For a signature already present the faster entry stays, unless replace is set."""
+    For a signature already present the faster entry stays, unless replace is set (or the
+    present one is out of date)."""
     path = cache_path(info)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with locked(path):
+    with FileLock(f"{path}.lock"):
         entries = dict(_valid_entries(_read_json(path), path, CACHE_FORMAT, _cache_header(info))
                        if path.exists() else {})
         for sig, entry in new_entries.items():
-            old = entries.get(sig)
-            if replace or old is None or entry.get("ms", math.inf) <= old.get("ms", math.inf):
+            entry, old = _stamped(entry), entries.get(sig)
+            if (replace or old is None or not is_current(old)
+                    or entry.get("ms", math.inf) <= old.get("ms", math.inf)):
                 entries[sig] = entry
         data = {"format": CACHE_FORMAT, "version": VERSION, "clconv_version": __version__,
                 **_cache_header(info), "entries": dict(sorted(entries.items()))}
         write_json_atomic(path, data)
     _memo.pop(str(path), None)
-    from .. import planner          # plans made from the old entries are out of date
-    planner.forget()
+    _generation[0] += 1
     return path
 
 
@@ -188,8 +226,8 @@ def export_database(info, path, entries=None):
     data = {"format": DATABASE_FORMAT, "version": VERSION, "clconv_version": __version__,
             "match": {k: re.escape(v) for k, v in device_key(info).items()
                       if k != "driver_version"},
-            "tuned_on": device_key(info), "sources_hash": programs.sources_hash(),
-            "entries": dict(sorted(entries.items()))}
+            "tuned_on": device_key(info),
+            "entries": dict(sorted((k, _stamped(e)) for k, e in entries.items()))}
     write_json_atomic(path, data)
     return len(entries)
 
@@ -202,35 +240,92 @@ def _read_database(path):
                         all(isinstance(v, str) for v in match.values())):
         _warn_once(path, "its match must map device fields to regular expressions")
         return None
-    return (match, data.get("sources_hash"), entries) if entries else None
+    return (match, entries) if entries else None
+
+
+def database_files():
+    return sorted(databases_dir().glob("*.json"))
 
 
 def database_entries(info):
-    """{signature: entry} from every shipped database that matches this device and the
-    current kernel sources (a database from other kernels is silently out of date)."""
+    """{signature: entry} from every shipped database that matches this device (entries
+    whose sources are out of date included: tuned_choice skips them)."""
     found = {}
     key = device_key(info)
-    for path in sorted(databases_dir().glob("*.json")):
+    for path in database_files():
         db = _load(path, _read_database)
         if not db:
             continue
-        match, sources, entries = db
-        if sources == programs.sources_hash() and all(
-                re.fullmatch(rx, key.get(field, "")) for field, rx in match.items()):
+        match, entries = db
+        if all(re.fullmatch(rx, key.get(field, "")) for field, rx in match.items()):
             for sig, entry in entries.items():
                 found.setdefault(sig, entry)
     return found
 
 
+def is_current(entry):
+    """Whether entry was tuned with the installed templates of its algorithm."""
+    return (entry.get("algorithm") in algorithms.ALGORITHMS
+            and entry.get("sources") == sources_of(entry["algorithm"]))
+
+
 def nearest(entries, problem, operation="forward"):
-    """The entry for operation on problem: its own signature, else the same layer tuned at
-    the nearest batch size (on a log scale), else None."""
+    """The current entry for operation on problem: its own signature, else the same layer
+    tuned at the nearest batch size (on a log scale), else None."""
     exact = entries.get(signature(problem, operation=operation))
-    if exact is not None:
+    if exact is not None and is_current(exact):
         return exact
     layer = signature(problem, batch=False, operation=operation) + " n"
-    same = [e for sig, e in entries.items() if sig.startswith(layer)]
+    same = [e for sig, e in entries.items() if sig.startswith(layer) and is_current(e)]
     if not same:
         return None
     n = max(problem.batch, 1)
     return min(same, key=lambda e: abs(math.log(max(e["batch"], 1) / n)))
+
+
+def entry_problem(algorithm, config, problem, info, operation):
+    """Why a tuned (algorithm, config) cannot run operation on problem here (or None)."""
+    if algorithm is None:
+        return "unknown algorithm"
+    if algorithm.operation != operation:
+        return f"not a {operation} algorithm"
+    if not algorithm.applies(problem):
+        return "does not apply"
+    if not algorithm.suits(info):
+        return "does not suit this device"
+    names = [p.name for p in algorithm.params]
+    if set(config) != set(names):
+        return f"parameters differ (expected {names})"
+    for p in algorithm.params:
+        value = config[p.name]
+        if type(value) is not int or value not in p.values:
+            return f"{p.name} must be one of {p.values}, got {value!r}"
+    return algorithm.constraints(problem, info, config)
+
+
+def tuned_choice(problem, info, operation="forward"):
+    """(algorithm, config, source) from the cache or a database, or None (mode 'off', or
+    nothing tuned for this problem). An entry that does not fit is ignored with a warning."""
+    if options.tuning_mode() == "off":
+        return None
+    for source, entries in (("cache", cache_entries(info)), ("database", database_entries(info))):
+        entry = nearest(entries, problem, operation)
+        if entry is None:
+            continue
+        algorithm = algorithms.ALGORITHMS.get(entry["algorithm"])
+        config = entry["config"]
+        reason = entry_problem(algorithm, config, problem, info, operation)
+        if reason:
+            where = cache_path(info) if source == "cache" else "a tuning database"
+            _warn_once(where, f"entry for {signature(problem, operation=operation)}: {reason}")
+            continue
+        return algorithm, dict(config), source
+    return None
+
+
+def needs_tuning(problem, info, operation="forward"):
+    """In mode 'on': whether operation on problem is missing from the user's own cache."""
+    if options.tuning_mode() != "on":
+        return False
+    entry = cache_entries(info).get(signature(problem, operation=operation))
+    return entry is None or not is_current(entry)

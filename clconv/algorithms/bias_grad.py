@@ -1,0 +1,48 @@
+"""The bias gradient: grad_output summed per channel over batch, height and width (a
+memory-bound sum, not tuned), split over the batch when the channels alone leave the device
+idle; the split partial sums are added in a fixed order by sum_splits."""
+from __future__ import annotations
+
+from .. import programs
+from ..problem import INT32_LIMIT
+from .base import BATCH, Blocks, Buffer, acc_itemsize, build_step, with_scratch
+from .direct import MAX_VECTOR_BYTES
+from .weight_grad import SUM_SPLITS_ARGS
+
+TEMPLATES = ("bias_grad.cl.mako", "sum_splits.cl.mako")
+
+
+def splits_for(info, batch, channels):
+    """Shares of the batch summed apart: enough independent sums to fill the device."""
+    want = 4 * info.compute_units if info.is_cpu else 4096
+    splits = 1
+    while channels * splits < want and batch >= 2 * splits:
+        splits *= 2
+    return splits
+
+
+def constants(info, batch, channels, plane, dtype):
+    """What the bias-gradient kernels are specialised on (a hashable memo key too)."""
+    splits = splits_for(info, batch, channels)
+    storage_t, acc_t = programs.c_types(dtype)
+    tw = MAX_VECTOR_BYTES // acc_itemsize(dtype)
+    return dict(dtype=dtype, idx_t="int" if batch * channels * plane <= INT32_LIMIT else "long",
+                channels=channels, plane=plane, tw=tw, splits=splits,
+                out_t=acc_t if splits > 1 else storage_t, plane_vectors=Blocks(plane, tw))
+
+
+def launcher(queue, constants):
+    """run(queue, inputs, output, batch, wait_for) of the bias gradient of constants."""
+    channels, splits = constants["channels"], constants["splits"]
+    sums = build_step(queue, "bias_grad.cl.mako", "conv2d_bias_grad", constants,
+                      (Buffer("dy"), Buffer("db", "out_t", const=False, offset=False), BATCH),
+                      lambda b: (channels, splits))
+
+    def main(queue, inputs, output, batch, wait_for):
+        return [sums(queue, batch, *inputs[0], output[0], batch, wait_for=wait_for)]
+    if splits == 1:
+        return main
+    total = build_step(queue, "sum_splits.cl.mako", "sum_splits",
+                       dict(constants, count=channels), SUM_SPLITS_ARGS, lambda b: (channels,))
+    return with_scratch(main, total, lambda b: splits * channels, constants["dtype"])
+

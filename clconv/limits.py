@@ -1,0 +1,44 @@
+"""What a device can hold and compute: checks made before any device work, each raising (or
+returning) a reason that names the operand and the limit. Sizes are Python integers, which
+never wrap."""
+from __future__ import annotations
+
+import math
+
+from .device import device_info
+from .problem import INT32_LIMIT
+
+
+def check_fp64(dtype, info):
+    if dtype == "float64" and not info.fp64:
+        raise TypeError(f"float64 needs the cl_khr_fp64 extension, which {info.name} lacks; "
+                        "use float32")
+
+
+def allocation_problem(what, nbytes, info):
+    """Why one buffer of nbytes cannot be allocated on the device (or None)."""
+    if nbytes > info.max_mem_alloc_size:
+        return (f"the {what} ({nbytes} bytes) exceeds the device's largest allocation "
+                f"({info.max_mem_alloc_size} bytes)")
+    return None
+
+
+def check_device_limits(problem, device):
+    """Reject what the device cannot hold or compute, with the reason, before any work."""
+    info = device_info(device)
+    check_fp64(problem.dtype, info)
+    itemsize = problem.numpy_dtype.itemsize
+    sizes = {"input": problem.input_shape, "weight": problem.weight_shape,
+             "output": problem.output_shape}
+    total = 0
+    for name, shape in sizes.items():
+        nbytes = math.prod(shape) * itemsize
+        total += nbytes
+        reason = allocation_problem(name, nbytes, info)
+        if reason:
+            raise ValueError(f"{reason} on {info.name}; split the batch")
+    if total > info.global_mem_size:
+        raise ValueError(f"input, weight and output together ({total / 2**20:.0f} MiB) exceed "
+                         f"{info.name}'s memory ({info.global_mem_size / 2**20:.0f} MiB)")
+    if problem.batch * problem.out_height > INT32_LIMIT:
+        raise ValueError("batch * output height exceeds 2**31 - 1; split the batch")

@@ -18,9 +18,13 @@ def check_fp64(dtype, info):
 def allocation_problem(what, nbytes, info):
     """Why one buffer of nbytes cannot be allocated on the device (or None)."""
     if nbytes > info.max_mem_alloc_size:
-        return (f"the {what} ({nbytes} bytes) exceeds the device's largest allocation "
-                f"({info.max_mem_alloc_size} bytes)")
+        return (f"the {what} ({_size(nbytes)}) exceeds the device's largest allocation "
+                f"({_size(info.max_mem_alloc_size)})")
     return None
+
+
+def _size(nbytes):
+    return f"{nbytes / 2**20:.0f} MiB" if nbytes >= 2**20 else f"{nbytes} bytes"
 
 
 def check_device_limits(problem, device):
@@ -38,7 +42,7 @@ def check_device_limits(problem, device):
         if reason:
             raise ValueError(f"{reason} on {info.name}; split the batch")
     if total > info.global_mem_size:
-        raise ValueError(f"input, weight and output together ({total / 2**20:.0f} MiB) exceed "
-                         f"{info.name}'s memory ({info.global_mem_size / 2**20:.0f} MiB)")
+        raise ValueError(f"input, weight and output together ({_size(total)}) exceed "
+                         f"{info.name}'s memory ({_size(info.global_mem_size)})")
     if problem.batch * problem.out_height > INT32_LIMIT:
         raise ValueError("batch * output height exceeds 2**31 - 1; split the batch")

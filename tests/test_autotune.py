@@ -516,7 +516,7 @@ TUNE_TWO = textwrap.dedent("""
     from clconv import store
     from clconv.algorithms import ALGORITHMS
     from clconv.problem import make_problem
-    from clconv.search import Tuner
+    from clconv.search import Tuner, TuneResult
     assert clconv.__file__.startswith(sys.argv[1]), clconv.__file__   # the installed copy
     queue = clconv.queue_for()
     info = clconv.device_info(queue.device)
@@ -526,9 +526,11 @@ TUNE_TWO = textwrap.dedent("""
                          1, 1, 1, 1, "zeros")[0]
     if sys.argv[2] == "tune":
         for p, name in ((depthwise, "depthwise"), (dense, "direct")):
-            result = Tuner(p, queue, candidates_from=[ALGORITHMS[name]]).run(budget=1)
-            result.best = min((t for t in result.trials if t.ok and t.algorithm == name),
-                              key=lambda t: t.ms)    # the heuristic default may be another
+            # One measured candidate of that algorithm, with no time budget to run out.
+            algorithm = ALGORITHMS[name]
+            trial = Tuner(p, queue).evaluate(algorithm, algorithm.default_config(p, info))
+            assert trial.ok, trial
+            result = TuneResult(p, "forward", trial, trial, [trial])
             store.record(info, {result.signature: result.entry()})
     for p in (depthwise, dense):
         choice = store.tuned_choice(p, info)
@@ -546,7 +548,8 @@ def test_editing_one_template_invalidates_only_its_algorithms_entries(cache_dir,
     package = site / "clconv"
     shutil.copytree(source, package, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(programs.kernels_dir(), package / "cl_kernels", dirs_exist_ok=True)
-    (package / "tuning_databases").mkdir(exist_ok=True)     # no shipped entries
+    shutil.rmtree(package / "tuning_databases", ignore_errors=True)
+    (package / "tuning_databases").mkdir()                  # no shipped entries
     env = dict(os.environ, PYTHONPATH=str(site), CLCONV_CACHE_DIR=str(cache_dir))
 
     def run(phase):

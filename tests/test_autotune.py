@@ -57,7 +57,6 @@ def cache_dir(tmp_path, monkeypatch):
     autotune.set_mode(None)
     yield tmp_path / "cache"
     autotune.set_mode(None)
-    planner.forget()
 
 
 @pytest.fixture

@@ -24,13 +24,13 @@ def problem_of(cin=16, cout=16, k=3, stride=1, dilation=1, n=1, h=10, w=9):
 
 @pytest.fixture(autouse=True)
 def fresh(monkeypatch, tmp_path):
-    """No opt-in from the environment, an empty cache, no databases, plans forgotten."""
+    """No opt-in from the environment, an empty cache, no databases (plans are keyed by
+    them, so none made here is reused elsewhere)."""
     monkeypatch.delenv("CLCONV_ALLOW_WINOGRAD", raising=False)
     monkeypatch.setenv("CLCONV_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(cache, "databases_dir", lambda: tmp_path / "no-databases")
     yield
     clconv.set_allow_winograd(None)
-    planner.forget()
 
 
 def big_layer_data(rng, n=2, c=64, size=12):

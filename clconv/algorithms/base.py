@@ -29,7 +29,6 @@ from ..problem import INT32_LIMIT
 from ..programs import Buffer, Scalar
 
 
-
 @dataclass(frozen=True)
 class Param:
     name: str
@@ -42,15 +41,18 @@ def param_named(params, name) -> Param:
     return next(p for p in params if p.name == name)
 
 
-BATCH = Scalar("batch")
+# --- the operations' operands ----------------------------------------------------------------
 
-# The operands of each operation, in order, as the kernel that computes it whole takes them
-# (the output and the batch size follow); a Launch takes its inputs in this order too.
+OPERATIONS = ("forward", "input_grad", "weight_grad")
+OUTPUTS = {"forward": "y", "input_grad": "dx", "weight_grad": "dw"}
+BATCH = Scalar("batch")
+# The forward's fused epilogue when a call asks for none (constants of every forward kernel).
 EPILOGUE_DEFAULTS = {"activation": None, "has_residual": False}
 
 
 def operation_inputs(operation, problem, epilogue=None):
-    """The input operands (Buffers) of an operation on problem."""
+    """The input operands (Buffers) of an operation on problem, in the order a Launch and
+    the kernel computing the operation whole take them (the output and batch follow)."""
     if operation == "input_grad":
         return (Buffer("dy"), Buffer("w"))
     if operation == "weight_grad":
@@ -58,10 +60,6 @@ def operation_inputs(operation, problem, epilogue=None):
     has_residual = (epilogue or {}).get("has_residual", False)
     return ((Buffer("x"), Buffer("w")) + ((Buffer("b"),) if problem.has_bias else ())
             + ((Buffer("res"),) if has_residual else ()))
-
-
-OPERATIONS = ("forward", "input_grad", "weight_grad")
-OUTPUTS = {"forward": "y", "input_grad": "dx", "weight_grad": "dw"}
 
 
 def operation_args(operation, problem, epilogue=None, out_type="storage_t"):
@@ -276,10 +274,6 @@ class Algorithm:
     def ranges(self, problem, config):
         """(work-items needed per dimension, local size)."""
         raise NotImplementedError
-
-    def inputs(self, problem, epilogue=None):
-        """The operation's input operands (Buffers), in the kernel's order."""
-        return operation_inputs(self.operation, problem, epilogue)
 
     def specialisation(self, problem, config, epilogue=None):
         """A hashable key of everything the built kernels depend on (the constants and the

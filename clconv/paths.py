@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from functools import lru_cache
 from pathlib import Path
 
 import platformdirs
@@ -9,9 +10,11 @@ import platformdirs
 _PACKAGE = Path(__file__).parent
 
 
+@lru_cache(maxsize=None)
 def shipped_dir(package_name: str, checkout_path: str) -> Path:
     """A data folder that the wheel installs as clconv/<package_name> and that a source
-    checkout holds at <repository>/<checkout_path> (see pyproject.toml's package-dir)."""
+    checkout holds at <repository>/<checkout_path> (see pyproject.toml's package-dir).
+    Found once per process: the planner's memo key reads the databases' folder per call."""
     installed = _PACKAGE / package_name
     return installed if installed.is_dir() else _PACKAGE.parent / checkout_path
 

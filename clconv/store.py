@@ -77,7 +77,7 @@ def generation():
 def state():
     """What the store's answers depend on besides the problem: the generation, the cache
     directory and the databases' directory (a plan memo key)."""
-    return _generation[0], os.environ.get("CLCONV_CACHE_DIR"), str(databases_dir())
+    return _generation[0], os.environ.get("CLCONV_CACHE_DIR"), databases_dir()
 
 
 def device_key(info):

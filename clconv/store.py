@@ -10,8 +10,8 @@ invalidates exactly the entries of the algorithms that render it.
 Writes hold a cross-process lock (filelock, on <file>.lock), re-read the file, merge, and
 replace it atomically (temporary file + rename), so concurrent tuners lose nothing. A
 corrupt, truncated or foreign file gives one warning and is ignored; the next write rebuilds
-it. Every write bumps generation(), which the planner's memo keys include, so plans made
-from older entries are not reused. Databases (tuning/database/*.json, or `clconv tune
+it. Every write bumps the generation in state(), which the planner's memo keys include, so
+plans made from older entries are not reused. Databases (tuning/database/*.json, or `clconv tune
 --export`) hold the same entries and a `match` of regular expressions on the device; they are
 the fallback below the user's own cache. Every entry from either is validated against its
 algorithm (known, of the operation, applies, suits the device, its declared parameters and
@@ -66,12 +66,7 @@ def sources_of(algorithm_name):
     return programs.sources_hash(algorithms.ALGORITHMS[algorithm_name].rendered_templates())
 
 
-_generation = [0]
-
-
-def generation():
-    """A counter bumped by every write of the cache in this process."""
-    return _generation[0]
+_generation = [0]       # bumped by every write of the cache in this process
 
 
 def state():
@@ -243,16 +238,12 @@ def _read_database(path):
     return (match, entries) if entries else None
 
 
-def database_files():
-    return sorted(databases_dir().glob("*.json"))
-
-
 def database_entries(info):
     """{signature: entry} from every shipped database that matches this device (entries
     whose sources are out of date included: tuned_choice skips them)."""
     found = {}
     key = device_key(info)
-    for path in database_files():
+    for path in sorted(databases_dir().glob("*.json")):
         db = _load(path, _read_database)
         if not db:
             continue

@@ -14,6 +14,7 @@ from .search import Tuner
 from .store import cache_entries, cache_path, export_database, is_current, record, signature
 from .suites import describe, geomean, layer_problem, load_suite
 
+
 @dataclass
 class SuiteRow:
     name: str

@@ -12,8 +12,9 @@ descriptions):
 - `default_config`: the heuristic choice when nothing is tuned;
 - `constants`: what its templates are specialised on (the layout included), and `ranges`:
   its NDRange;
-- `kernels`: each kernel it launches, with its arguments declared once as `Buffer` and
-  `Scalar` objects: the template's parameter list and the scalar dtypes come from them.
+- `main_args` (and the launcher's other steps): each kernel's arguments, declared once as
+  `Buffer` and `Scalar` objects: the template's parameter list and the scalar dtypes come
+  from them.
 The base class turns a configuration into a ready `Launch`.
 """
 from __future__ import annotations
@@ -194,11 +195,10 @@ def acc_itemsize(dtype):
     return 8 if dtype == "float64" else 4
 
 
-def index_type(problem, *element_counts):
-    """'int' when every flat index (the problem's operands and any further element_counts)
-    fits in 32 bits, else 'long'."""
+def index_type(problem):
+    """'int' when every flat index fits in 32 bits, else 'long'."""
     largest = max(math.prod(problem.input_shape), math.prod(problem.output_shape),
-                  math.prod(problem.weight_shape), *element_counts)
+                  math.prod(problem.weight_shape))
     return "int" if largest <= INT32_LIMIT else "long"
 
 

@@ -9,9 +9,6 @@ from .base import BATCH, Blocks, Buffer, acc_itemsize, build_step, with_scratch
 from .direct import MAX_VECTOR_BYTES
 from .weight_grad import SUM_SPLITS_ARGS
 
-TEMPLATES = ("bias_grad.cl.mako", "sum_splits.cl.mako")
-
-
 def splits_for(info, batch, channels):
     """Shares of the batch summed apart: enough independent sums to fill the device."""
     want = 4 * info.compute_units if info.is_cpu else 4096
@@ -45,4 +42,3 @@ def launcher(queue, constants):
     total = build_step(queue, "sum_splits.cl.mako", "sum_splits",
                        dict(constants, count=channels), SUM_SPLITS_ARGS, lambda b: (channels,))
     return with_scratch(main, total, lambda b: splits * channels, constants["dtype"])
-

@@ -31,6 +31,6 @@ __kernel void conv2d_bias_grad(
             tail += LOAD(p, i);
 % endif
     }
-    const ${acc_t} sum = ${c.lane_sum('acc', tw, acc_t)} + tail;
+    ${c.lane_total('sum', 'acc', tw, acc_t, ' + tail')}
     ${c.store_vec(out_t, 1, 'sum', 'db', '(idx_t)split * %d + k' % channels)};
 }

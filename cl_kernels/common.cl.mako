@@ -88,15 +88,28 @@ ${v}\
 % endif
 </%def>
 
-## The sum of the n lanes of vector v (of scalar type t). Through dot(): Oclgrind 21.10's
-## uninitialised-value check crashed on lane extracts of a vector carried through a loop.
+## The sum of the n lanes (n <= 8) of vector v (of scalar type t). Through dot(): Oclgrind
+## 21.10's uninitialised-value check crashed on lane extracts of a vector carried through a
+## loop.
 <%def name="lane_sum(v, n, t)">\
 % if n == 1:
 ${v}\
 % elif n <= 4:
 dot(${v}, (${t}${n})1)\
 % else:
-(dot((${v}).lo, (${t}4)1) + dot((${v}).hi, (${t}4)1))\
+(${lane_sum('(%s).lo' % v, n // 2, t)} + ${lane_sum('(%s).hi' % v, n // 2, t)})\
+% endif
+</%def>
+
+## Declare `const t name` = the sum of the n lanes of v, plus extra (an expression's text).
+## 16 lanes go through a private array: Oclgrind 21.10 takes the halves of a 16-wide vector
+## (shuffles) for uninitialised values, and crashes on its lane extracts.
+<%def name="lane_total(name, v, n, t, extra='')">\
+% if n == 16:
+${t} ${name}_lanes[16]; vstore16(${v}, 0, ${name}_lanes);
+    const ${t} ${name} = ${' + '.join('%s_lanes[%d]' % (name, j) for j in range(16))}${extra};\
+% else:
+const ${t} ${name} = ${lane_sum(v, n, t)}${extra};\
 % endif
 </%def>
 

@@ -19,7 +19,7 @@
     M = cout_g                                  # output channels per input channel
     tiles = column_tiles.count
     accv = acc_t + (str(tw) if tw > 1 else '')
-    even_loads = SW == 2 and tw > 1             # two vector loads, then their even lanes
+    even_loads = SW == 2 and tw in even_pair_widths     # two vector loads, their even lanes
     # Input elements a vector load reads from a tile's first input column, over all taps.
     span = (KW - 1) * DW + (2 * tw if even_loads else (tw - 1) * SW + 1)
     inside = [t for t in range(tiles) if t * tw * SW - PL >= 0

@@ -14,5 +14,6 @@ __kernel void fma_peak(
 % endfor
     }
     const ${vt} s = ${' + '.join('x%d' % i for i in range(chains))};
-    out[get_global_id(0)] = ${c.lane_sum('s', width, 'float')};
+    ${c.lane_total('total', 's', width, 'float')}
+    out[get_global_id(0)] = total;
 }

@@ -110,7 +110,7 @@ __kernel void conv2d_weight_grad(
 % else:
     {
 % endif
-        const ${acc_t} sum = ${c.lane_sum('acc%d' % t, tw, acc_t)}${' + tail%d' % t if full_cols < w_out else ''};
+        ${c.lane_total('sum', 'acc%d' % t, tw, acc_t, ' + tail%d' % t if full_cols < w_out else '')}
         ${c.store_vec(out_t, 1, 'sum', 'dw', 'dw_off + ((idx_t)split * %d + ch%d) * %d + ckk' % (cout, t, cin_g * KHW))};
     }
 % endfor

@@ -1,7 +1,8 @@
 """clconv: torch.nn.Conv2d, exactly, on every OpenCL device."""
 from .version import __version__
 from .autotune import tune
-from .device import NoDeviceError, choose_device, device_info, queue_for
+from .capabilities import device_info
+from .device import NoDeviceError, choose_device, queue_for
 from .functional import conv2d
 from .gradients import conv2d_bias_grad, conv2d_input_grad, conv2d_weight_grad
 from .module import Conv2d

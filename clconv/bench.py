@@ -26,7 +26,7 @@ import numpy as np
 import pyopencl.array as cl_array
 
 from . import gradients, options, peak, planner
-from .device import device_info
+from .capabilities import device_info
 from .functional import conv2d
 from .limits import check_device_limits
 from .reference import TOLERANCE, Check, test_case
@@ -252,7 +252,8 @@ def main(queue, suite=None, only=None, batch=None, repeats=10, with_torch=True, 
     print(f"clconv bench: {info.name} ({info.platform}, driver {info.driver_version}); "
           f"{torch_note}; float32; best of {repeats} runs each; tuning mode {options.tuning_mode()}; "
           f"Winograd {'allowed' if options.allow_winograd() else 'off'}; "
-          f"FMA peak {measured.gflops:.1f} GFLOP/s", file=out)
+          f"FMA peak {measured.gflops:.1f} GFLOP/s (float{measured.width}); "
+          f"{info.capabilities.speed()}", file=out)
     table = format_table([], with_torch).splitlines()
     print("\n".join(table), file=out, flush=True)
     rows = []

@@ -4,8 +4,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import algorithms, options, programs, store
-from .device import NoDeviceError, all_devices, choose_device, device_info, queue_for
+from . import algorithms, capabilities, options, programs, store
+from .capabilities import device_info
+from .device import NoDeviceError, all_devices, choose_device, queue_for
 
 
 SUITE_HELP = ("a suite name (standard, resnet50, mobilenet_v2, vgg16) or a suite JSON file "
@@ -35,6 +36,9 @@ def cmd_info(args):
             print(f"      fp16 (cl_khr_fp16) {'yes' if info.fp16 else 'no'}, fp64 "
                   f"{'yes' if info.fp64 else 'no'}; float16 works either way (half storage, "
                   "float32 arithmetic)")
+            print("      " + info.capabilities.describe().replace("\n", "\n      "))
+            print(f"      capabilities probed once per device and driver: "
+                  f"{capabilities.cache_path(info)}")
     print("* = the device clconv uses (CLCONV_DEVICE=substring or --device to choose)")
     print(f"kernel sources {programs.sources_hash()} in {programs.kernels_dir()}; per "
           "algorithm (what its tuned entries are keyed by): " + ", ".join(

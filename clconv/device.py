@@ -37,6 +37,9 @@ class DeviceInfo:
     fp16: bool
     fp64: bool
     local_memory: bool = False      # dedicated local memory (not emulated in global memory)
+    # What the device's compiler really does (clconv.capabilities.Capabilities): probed
+    # above this layer, so None in the queried facts.
+    capabilities: object = None
 
     @classmethod
     def of(cls, device):
@@ -57,7 +60,9 @@ class DeviceInfo:
         )
 
 
-def device_info(device) -> DeviceInfo:
+def queried_info(device) -> DeviceInfo:
+    """The device's limits and features as the driver reports them (no capabilities: see
+    clconv.capabilities.device_info)."""
     return _info_cached(device)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from .algorithms import bias_grad
 from .algorithms.base import freeze
-from .device import device_info
+from .capabilities import device_info
 from .functional import _operand, _resolve_queue, check_operand, launch_into, run
 from .limits import check_device_limits, check_fp64
 from .problem import dtype_name, make_problem

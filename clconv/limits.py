@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from .device import device_info
+from .device import queried_info
 from .problem import INT32_LIMIT
 
 
@@ -29,7 +29,7 @@ def _size(nbytes):
 
 def check_device_limits(problem, device):
     """Reject what the device cannot hold or compute, with the reason, before any work."""
-    info = device_info(device)
+    info = queried_info(device)
     check_fp64(problem.dtype, info)
     itemsize = problem.numpy_dtype.itemsize
     sizes = {"input": problem.input_shape, "weight": problem.weight_shape,

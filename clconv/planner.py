@@ -18,7 +18,7 @@ import pyopencl as cl
 
 from . import algorithms, options, search, store
 from .algorithms.base import freeze
-from .device import device_info
+from .capabilities import device_info
 from .programs import BuildError, ContextMemo
 
 _plans = ContextMemo()

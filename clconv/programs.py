@@ -40,9 +40,17 @@ C_TYPES = {"float16": ("half", "float"), "float32": ("float", "float"),
            "float64": ("double", "double")}
 
 
+STORAGE_DTYPES = {storage: dtype for dtype, (storage, _) in C_TYPES.items()}
+
+
 def c_types(dtype):
     """(storage_t, acc_t) of a dtype name: half is stored as half, computed in float."""
     return C_TYPES[dtype]
+
+
+def acc_itemsize(dtype):
+    """Bytes of one acc_t value: float for half and float, double for double."""
+    return 8 if c_types(dtype)[1] == "double" else 4
 
 
 # --- rendering -------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ import pyopencl as cl
 import pyopencl.array as cl_array
 
 from . import algorithms, options, store
-from .device import device_info
+from .capabilities import device_info
 from .limits import check_device_limits
 from .programs import BuildError
 from .reference import Check, test_case

@@ -1,7 +1,9 @@
 """The tuning store: one human-readable JSON file per device, plus shipped databases.
 
-A cache file's name and its header carry the device's key: name, vendor, platform and
-driver version, so a driver update looks in another file. Entries map a problem signature
+A cache file's name and its header carry the device's key: name, vendor, platform, driver
+version and the probed capabilities (clconv.capabilities: the vector widths its compiler
+handles, its hardware vector and register file), so a driver update, or a probe that now
+refuses a width, looks in another file. Entries map a problem signature
 to the winning algorithm, its parameters, the measured times and `sources`: the hash of the
 templates that algorithm renders (programs.sources_hash). An entry whose sources differ from
 the installed templates' is out of date and silently skipped, so editing one template
@@ -13,7 +15,8 @@ corrupt, truncated or foreign file gives one warning and is ignored; the next wr
 it. Every write bumps the generation in state(), which the planner's memo keys include, so
 plans made from older entries are not reused. Databases (tuning/database/*.json, or `clconv tune
 --export`) hold the same entries and a `match` of regular expressions on the device; they are
-the fallback below the user's own cache. Every entry from either is validated against its
+the fallback below the user's own cache, for the devices their `match` names whose
+capabilities equal the ones they were tuned with (their `capabilities`, when they say). Every entry from either is validated against its
 algorithm (known, of the operation, applies, suits the device, its declared parameters and
 values, its constraints) before it is used.
 """
@@ -33,6 +36,7 @@ from filelock import FileLock
 
 from . import algorithms, options, programs
 from .algorithms import winograd
+from .capabilities import of_info
 from .paths import cache_dir, shipped_dir
 from .version import __version__
 
@@ -77,7 +81,7 @@ def state():
 
 def device_key(info):
     return {"name": info.name, "vendor": info.vendor, "platform": info.platform,
-            "driver_version": info.driver_version}
+            "driver_version": info.driver_version, "capabilities": of_info(info).key()}
 
 
 def cache_path(info) -> Path:
@@ -220,7 +224,8 @@ def export_database(info, path, entries=None):
     entries = cache_entries(info) if entries is None else entries
     data = {"format": DATABASE_FORMAT, "version": VERSION, "clconv_version": __version__,
             "match": {k: re.escape(v) for k, v in device_key(info).items()
-                      if k != "driver_version"},
+                      if k not in ("driver_version", "capabilities")},
+            "capabilities": of_info(info).key(),
             "tuned_on": device_key(info),
             "entries": dict(sorted((k, _stamped(e)) for k, e in entries.items()))}
     write_json_atomic(path, data)
@@ -235,7 +240,7 @@ def _read_database(path):
                         all(isinstance(v, str) for v in match.values())):
         _warn_once(path, "its match must map device fields to regular expressions")
         return None
-    return (match, entries) if entries else None
+    return (match, data.get("capabilities"), entries) if entries else None
 
 
 def database_entries(info):
@@ -247,8 +252,10 @@ def database_entries(info):
         db = _load(path, _read_database)
         if not db:
             continue
-        match, entries = db
-        if all(re.fullmatch(rx, key.get(field, "")) for field, rx in match.items()):
+        match, capabilities, entries = db
+        if (capabilities in (None, key["capabilities"])
+                and all(isinstance(key.get(field), str) and re.fullmatch(rx, key[field])
+                        for field, rx in match.items())):
             for sig, entry in entries.items():
                 found.setdefault(sig, entry)
     return found

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from tqdm import tqdm
 
 from . import algorithms
-from .device import device_info
+from .capabilities import device_info
 from .search import Tuner
 from .store import cache_entries, cache_path, export_database, is_current, record, signature
 from .suites import describe, geomean, layer_problem, load_suite

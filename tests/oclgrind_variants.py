@@ -18,6 +18,7 @@ import numpy as np
 import pyopencl.array as cl_array
 
 import clconv
+from clconv import capabilities
 from clconv.algorithms import ALGORITHMS
 from clconv.problem import make_problem
 
@@ -169,6 +170,14 @@ def gemm_variants():
         for dtype, kwargs in (("float32", dict(padding=1)), ("float16", {})):
             yield (f"gemm-epilogue-{activation}-{dtype}", "forward", (2, 3, 5, 7), (5, 3, 3, 3),
                    True, kwargs, dtype, gemm(3, 1, 4, activation=activation, residual=True))
+    # 16-wide vectors (AVX-512 targets): staged and unstaged, every dtype, an epilogue's
+    # vector builtins, a ragged last tile.
+    for dtype in DTYPES:
+        tile = (1, 1) if dtype == "float64" else (2, 2)     # double16 takes 4 registers
+        yield (f"gemm-tw16-{dtype}", "forward", (2, 3, 5, 9), (5, 3, 3, 3), True,
+               dict(padding=1), dtype, gemm(*tile, 16, activation="gelu", residual=True))
+    yield ("gemm-tw16-unstaged", "forward", (1, 3, 7, 11), (4, 3, 3, 3), False, {},
+           "float32", gemm(2, 1, 16, activation="silu"))
 
 
 def tiled_gemm_variants():
@@ -223,6 +232,10 @@ def depthwise_variants():
            dict(padding=1, groups=2), "float32", dw(8, 8))
     yield ("dw-tw8-wide", "forward", (1, 2, 4, 40), (4, 1, 3, 3), True,
            dict(padding=1, groups=2, padding_mode="circular"), "float32", dw(8, 2))
+    for stride in (1, 2):
+        yield (f"dw-tw16-s{stride}", "forward", (1, 2, 4, 70), (2, 1, 3, 3), True,
+               dict(stride=stride, padding=1, groups=2, padding_mode="reflect"), "float32",
+               dw(16, 2, activation="silu"))
     yield ("dw-cin1-groups1", "forward", (2, 1, 6, 11), (3, 1, 3, 3), True, dict(padding=1),
            "float32", dw(4, 4))
     yield ("dw-long-index", "forward", (1, 2, 5, 9), (2, 1, 3, 3), True,
@@ -255,6 +268,8 @@ def winograd_variants():
            "float32", wino(2, 2, 2))
     yield ("wino-tv4", "forward", (3, 5, 6, 7), (6, 5, 3, 3), False, dict(padding=1),
            "float32", wino(2, 4, 2))
+    yield ("wino-tw16", "forward", (2, 3, 9, 11), (4, 3, 3, 3), True, dict(padding=1),
+           "float32", wino(2, 2, 16, activation="relu"))
     yield ("wino-long-index", "forward", (1, 2, 5, 6), (3, 2, 3, 3), True, dict(padding=1),
            "float32", wino(2, 1, 4, idx_t="long"))
     for dtype in ("float16", "float64"):
@@ -271,6 +286,13 @@ def winograd_variants():
 TILES = {"forward": lambda k, w: dict(tk=k, tw=w),
          "input_grad": lambda k, w: dict(tc=k, tw=w),
          "weight_grad": lambda k, w: dict(tk=k, tw=w, splits=1)}
+
+
+def allowed(queue, dtype, config):
+    """Whether the device's compiler handles the variant's vector width (its probed widths:
+    Oclgrind handles every one; PoCL's LLVM 14 no 16-wide vector where it targets AVX2)."""
+    caps = clconv.device_info(queue.device).capabilities
+    return config.get("tw", 1) in caps.widths_of(dtype)
 
 
 def build_variant(queue, name, operation, x_shape, w_shape, with_bias, kwargs, dtype, config):
@@ -339,12 +361,20 @@ def run_gather(queue, dtype):
     return np.allclose(y.get(), expect, rtol=1e-3), err
 
 
+def run_probe(queue, storage, n):
+    """The capability probe's kernel (clconv.capabilities) at one storage type and width."""
+    failure = capabilities.check_width(queue, storage, n)
+    return failure is None, 0.0 if failure is None else float("inf")
+
+
 DTYPES = ("float16", "float32", "float64")
+PROBES = [(s, n) for s in ("half", "float", "double") for n in capabilities.WIDTHS]
 
 
 def all_names():
     return ([v[0] for v in variants()] + [f"gather-{d}" for d in DTYPES]
-            + [f"bias_grad-{d}-n{n}" for d in DTYPES for n in (1, 64)])
+            + [f"bias_grad-{d}-n{n}" for d in DTYPES for n in (1, 64)]
+            + [f"probe-{s}-{n}" for s, n in PROBES])
 
 
 def main(names):
@@ -359,6 +389,9 @@ def main(names):
         elif name.startswith("bias_grad-"):
             dtype, batch = name[len("bias_grad-"):].split("-n")
             good, err = run_bias_grad(queue, np.dtype(dtype), int(batch))
+        elif name.startswith("probe-"):
+            storage, n = name[len("probe-"):].split("-")
+            good, err = run_probe(queue, storage, int(n))
         else:
             good, err = run_variant(queue, name, *specs[name])
         print(f"{name}: {'ok' if good else 'WRONG'} (max error {err:.2e})", flush=True)

@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "clconv"
 LAYERS = {
     "clconv.version": 0, "clconv.problem": 0, "clconv.device": 0, "clconv.paths": 0,
     "clconv.options": 0, "clconv.reference": 0, "clconv.limits": 0.5,
-    "clconv.programs": 1, "clconv.suites": 1, "clconv.arrays": 1.5,
+    "clconv.programs": 1, "clconv.suites": 1, "clconv.arrays": 1.5, "clconv.capabilities": 1.5,
     "clconv.algorithms": 2, "clconv.peak": 2,     # and every clconv.algorithms.*: see layer()
     "clconv.store": 3,
     "clconv.search": 4,

@@ -17,7 +17,7 @@ import pytest
 
 import clconv
 import oclgrind_variants
-from clconv import programs
+from clconv import capabilities, programs
 from clconv.algorithms import ALGORITHMS
 from clconv.problem import PADDING_MODES
 
@@ -52,10 +52,13 @@ def test_variants_cover_every_template_branch():
     """Building every variant renders its templates; together they take every `% if / % elif /
     % else` arm of cl_kernels/*.mako (observed through programs.recording_branches). The peak
     kernel (clconv.peak) is not rendered: peak.cl.mako has no arm of its own and it never runs
-    under Oclgrind, so an arm of common.cl.mako that only it took would not be checked there."""
+    under Oclgrind, so an arm of common.cl.mako that only it took would not be checked there.
+    Variants of widths this device's compiler refuses are not built here (the probe's are
+    rendered, for the arms of 16 lanes); under Oclgrind every one runs."""
     device = clconv.queue_for().device
     queue = cl.CommandQueue(cl.Context([device]))   # a new context: nothing memoised on it
     specs = {v[0]: v[1:] for v in oclgrind_variants.variants()}
+    caps = clconv.device_info(device).capabilities
     with programs.recording_branches() as taken:
         for name in oclgrind_variants.all_names():    # what the Oclgrind runs run
             if name.startswith("gather-"):
@@ -63,7 +66,14 @@ def test_variants_cover_every_template_branch():
             elif name.startswith("bias_grad-"):
                 dtype, batch = name[len("bias_grad-"):].split("-n")
                 oclgrind_variants.run_bias_grad(queue, np.dtype(dtype), int(batch))
-            else:
+            elif name.startswith("probe-"):
+                storage, n = name[len("probe-"):].split("-")
+                if int(n) in caps.widths_of(programs.STORAGE_DTYPES[storage]):
+                    oclgrind_variants.run_probe(queue, storage, int(n))
+                else:       # rendered only: the arms of widths this compiler refuses
+                    programs.render("probe.cl.mako", parameters="",
+                                    **capabilities.probe_constants(storage, int(n)))
+            elif oclgrind_variants.allowed(queue, specs[name][-2], specs[name][-1]):
                 oclgrind_variants.build_variant(queue, name, *specs[name])
     missing = sorted(programs.all_template_branches() - taken)
     lines = {name: (programs.kernels_dir() / name).read_text().splitlines()

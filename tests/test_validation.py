@@ -53,12 +53,12 @@ def no_device_work(monkeypatch):
 @pytest.fixture
 def no_fp64(monkeypatch):
     """The real device, as one without cl_khr_fp64."""
-    real = clconv.device.device_info
+    real = clconv.device.queried_info
 
     def fake(device):
         return dataclasses.replace(real(device), fp64=False)
 
-    monkeypatch.setattr(clconv.limits, "device_info", fake)
+    monkeypatch.setattr(clconv.limits, "queried_info", fake)
 
 
 def data(shape, dtype=F32, seed=0):

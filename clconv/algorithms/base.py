@@ -25,9 +25,9 @@ from dataclasses import dataclass
 import pyopencl as cl
 
 from .. import programs
-from ..device import device_info
+from ..capabilities import device_info
 from ..problem import INT32_LIMIT
-from ..programs import Buffer, Scalar
+from ..programs import Buffer, Scalar, acc_itemsize
 
 
 @dataclass(frozen=True)
@@ -188,11 +188,6 @@ def even_split(channels, most):
 def pow2_at_most(n):
     """The largest power of two <= n (1 for n < 2)."""
     return 1 << (max(1, n).bit_length() - 1)
-
-
-def acc_itemsize(dtype):
-    """Bytes of one acc_t value: float for half and float, double for double."""
-    return 8 if dtype == "float64" else 4
 
 
 def index_type(problem):

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from .. import programs
 from ..problem import INT32_LIMIT
-from .base import BATCH, Blocks, Buffer, acc_itemsize, build_step, with_scratch
-from .direct import MAX_VECTOR_BYTES
+from ..capabilities import of_info
+from .base import BATCH, Blocks, Buffer, build_step, with_scratch
 from .weight_grad import SUM_SPLITS_ARGS
 
 def splits_for(info, batch, channels):
@@ -22,7 +22,7 @@ def constants(info, batch, channels, plane, dtype):
     """What the bias-gradient kernels are specialised on (a hashable memo key too)."""
     splits = splits_for(info, batch, channels)
     storage_t, acc_t = programs.c_types(dtype)
-    tw = MAX_VECTOR_BYTES // acc_itemsize(dtype)
+    tw = max(of_info(info).widths_of(dtype))     # a memory-bound sum: the widest vector
     return dict(dtype=dtype, idx_t="int" if batch * channels * plane <= INT32_LIMIT else "long",
                 channels=channels, plane=plane, tw=tw, splits=splits,
                 out_t=acc_t if splits > 1 else storage_t, plane_vectors=Blocks(plane, tw))

@@ -3,7 +3,8 @@ rows per work-item, judged by GB/s since it is memory-bound."""
 from __future__ import annotations
 
 from .base import Algorithm, Blocks, Param, fitting_work_group, pow2_at_most, work_group_problem
-from .direct import VECTOR_WIDTHS, geometry, vector_width_problem, widest_tw
+from ..capabilities import EVEN_PAIR_WIDTHS
+from .direct import VECTOR_WIDTHS, geometry, row_width, vector_width_problem
 
 
 class Depthwise(Algorithm):
@@ -23,7 +24,7 @@ class Depthwise(Algorithm):
     def constraints(self, problem, info, config):
         if not self.applies(problem):
             return "needs one input channel per group"
-        reason = vector_width_problem(problem, config["tw"])
+        reason = vector_width_problem(problem, info, config["tw"])
         if reason:
             return reason
         rows = self.param("rows").values
@@ -33,7 +34,8 @@ class Depthwise(Algorithm):
 
     def default_config(self, problem, info):
         w_out = problem.out_width
-        tw = min(8 if w_out >= 16 else 4 if w_out >= 4 else 1, widest_tw(problem))
+        # Rows of two vectors or more, but at least 4-wide ones from 4 columns on.
+        tw = row_width(problem, info, max(w_out // 2, min(w_out, 4)))
         # Measured on PoCL (AVX2): a few rows per work-item amortise its set-up; work-groups
         # of channels keep the launch count down.
         rows = min(4, pow2_at_most(problem.out_height))
@@ -45,6 +47,7 @@ class Depthwise(Algorithm):
 
     def constants(self, problem, config):
         return dict(geometry(problem, config), has_bias=problem.has_bias, tw=config["tw"],
+                    even_pair_widths=EVEN_PAIR_WIDTHS,
                     rows=config["rows"], row_blocks=Blocks(problem.out_height, config["rows"]),
                     column_tiles=Blocks(problem.out_width, config["tw"]))
 

@@ -1,16 +1,14 @@
 """Register-tiled direct convolution: any stride, dilation, padding mode and groups."""
 from __future__ import annotations
 
+from ..capabilities import WIDTHS, of_info
 from .base import (Algorithm, Blocks, Param, acc_itemsize, channel_blocks, even_split,
                    fitting_work_group, index_type, pow2_at_most, work_group_problem)
 
-# tw is one OpenCL vector. 16-wide vectors crashed PoCL 3.0's LLVM 14 ("Do not know how to
-# scalarize") on an AVX2 target; 3-wide ones crash Oclgrind 21.10's uninitialised-value check.
-VECTOR_WIDTHS = (1, 2, 4, 8)
-# No 512-bit vectors: PoCL passes them to its builtins with a mismatched ABI on AVX2 targets
-# (it warns so), which crashed a float64 run here.
-MAX_VECTOR_BYTES = 32
-MAX_ACCUMULATORS = 128                  # tk * tw register bound (scalars)
+# tw is one OpenCL vector: every width the capability probe may allow; a device takes those
+# its compiler builds and runs correctly (PoCL's LLVM 14 crashes on 16-wide vectors where it
+# targets AVX2). 3-wide ones crash Oclgrind 21.10's uninitialised-value check.
+VECTOR_WIDTHS = WIDTHS
 
 
 def work_group_params(along_x, along_y, along_z):
@@ -34,7 +32,7 @@ class Direct(Algorithm):
     )
 
     def constraints(self, problem, info, config):
-        return (tile_problem(problem, config, "tk", problem.cout_per_group,
+        return (tile_problem(problem, info, config, "tk", problem.cout_per_group,
                              "the output channels per group")
                 or work_group_problem((config["lx"], config["ly"], config["lz"]), info))
 
@@ -42,9 +40,10 @@ class Direct(Algorithm):
         w_out, cout_g = problem.out_width, problem.cout_per_group
         # Measured on PoCL (AVX2): 8-wide rows, except mid-sized rows where 4-wide tiles
         # leave more tiles on the fast interior path; small images want more channels per
-        # work-item to reuse each input vector.
+        # work-item to reuse each input vector. (The implicit GEMM is the usual choice; this
+        # fallback stays within 8 lanes and the device's vector.)
         tw = 4 if 8 < w_out < 28 else 8 if w_out >= 6 else 4 if w_out >= 3 else w_out
-        tw = min(tw, widest_tw(problem))
+        tw = row_width(problem, info, tw)
         most_k = 16 if w_out < 28 else 8
         tk = even_split(cout_g, most_k)
         if info.is_cpu:
@@ -68,28 +67,32 @@ class Direct(Algorithm):
         return items, (config["lx"], config["ly"], config["lz"])
 
 
-def tile_problem(problem, config, channels, most, what):
+def tile_problem(problem, info, config, channels, most, what):
     """Why a register tile of config[channels] channels x tv (default 1) tw-wide vectors is
-    invalid for problem (or None): vector widths compilers handle, and the accumulator bound."""
+    invalid for problem on the device (or None): the widths its compiler handles, and the
+    accumulator bound of its register file."""
     tw = config["tw"]
-    reason = vector_width_problem(problem, tw)
+    reason = vector_width_problem(problem, info, tw)
     if reason:
         return reason
     if not 1 <= config[channels] <= most:
         return f"{channels} must be between 1 and {what}"
     # Accumulators in scalar registers of 4 bytes: a double takes two.
     scalars = config[channels] * config.get("tv", 1) * tw * acc_itemsize(problem.dtype) // 4
-    if scalars > MAX_ACCUMULATORS:
+    bound = of_info(info).accumulators()
+    if scalars > bound:
         return (f"{channels}*tv*tw accumulators ({scalars} scalar registers) exceed "
-                f"{MAX_ACCUMULATORS}")
+                f"{bound}, the device's register file")
     return None
 
 
-def vector_width_problem(problem, tw):
-    """Why tw-wide row vectors are invalid for problem (or None): the widths compilers handle,
-    within MAX_VECTOR_BYTES of acc_t."""
-    if tw not in VECTOR_WIDTHS or tw > widest_tw(problem):
-        return f"tw must be one of {VECTOR_WIDTHS} and <= {widest_tw(problem)} for {problem.dtype}"
+def vector_width_problem(problem, info, tw):
+    """Why tw-wide row vectors are invalid for problem on the device (or None): the widths its
+    compiler builds and runs correctly (clconv.capabilities)."""
+    widths = of_info(info).widths_of(problem.dtype)
+    if tw not in widths:
+        return (f"tw must be one of {widths} for {problem.dtype} on this device (the widths "
+                "its compiler builds and runs correctly)")
     return None
 
 
@@ -106,6 +109,9 @@ def geometry(problem, config):
         cin_g=problem.cin_per_group, cout_g=problem.cout_per_group)
 
 
-def widest_tw(problem):
-    """The widest row vector whose arithmetic (acc_t) type fits in MAX_VECTOR_BYTES."""
-    return MAX_VECTOR_BYTES // acc_itemsize(problem.dtype)
+def row_width(problem, info, most):
+    """The heuristics' row vector: the widest the device allows up to its hardware vector
+    and up to most."""
+    caps = of_info(info)
+    limit = min(most, caps.vector_lanes(problem.dtype))
+    return max(w for w in caps.widths_of(problem.dtype) if w <= max(1, limit))

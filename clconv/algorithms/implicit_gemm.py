@@ -9,17 +9,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ..capabilities import of_info
 from ..limits import allocation_problem
 from ..problem import INT32_LIMIT
 from .base import (BATCH, Algorithm, Buffer, Param, build_step, channel_blocks, even_split,
                    fitting_work_group, index_type, param_named, pow2_at_most, round_up,
                    scratch_buffer, work_group_problem)
-from .direct import VECTOR_WIDTHS, geometry, tile_problem, widest_tw
+from .direct import VECTOR_WIDTHS, geometry, row_width, tile_problem
 
-# On a CPU the micro-kernel's tk * tv accumulator vectors, tv input vectors and one broadcast
-# weight live in vector registers: 16 on x86-64 with AVX2 (PoCL's target here), and beyond
-# that they spill (measured: 8 x 2 tiles ran at half the speed of 6 x 2).
-CPU_VECTOR_REGISTERS = 16
 # One image's read grid beyond this (a few times a CPU core's L2) gets taller work-groups.
 LARGE_IMAGE_BYTES = 4 << 20
 
@@ -27,7 +24,7 @@ LARGE_IMAGE_BYTES = 4 << 20
 # The register tile of a GEMM micro-kernel and its work-group: tk output channels x tv vectors
 # of tw positions per work-item (shared with Winograd's GEMM).
 REGISTER_TILE_PARAMS = (
-    Param("tk", tuple(range(1, 13)), "output channels per work-item"),
+    Param("tk", tuple(range(1, 17)), "output channels per work-item"),
     Param("tv", (1, 2, 3, 4), "vectors of positions per work-item"),
     Param("tw", VECTOR_WIDTHS[1:], "positions per vector"),
     Param("lx", (1, 2, 4, 8, 16, 32), "work-group size along position tiles"),
@@ -191,31 +188,42 @@ def register_tile_problem(problem, info, config):
     """Why a GEMM register tile config is invalid for problem on the device (or None)."""
     if config["tv"] not in TV_VALUES:
         return f"tv must be one of {TV_VALUES}"
-    in_registers = config["tk"] * config["tv"] + config["tv"] + 1
-    if info.is_cpu and in_registers > CPU_VECTOR_REGISTERS:
-        return (f"tk*tv + tv + 1 = {in_registers} vectors exceed the "
-                f"{CPU_VECTOR_REGISTERS} vector registers of a CPU")
-    return (tile_problem(problem, config, "tk", problem.cout_per_group,
-                         "the output channels per group")
-            or work_group_problem((config["lx"], config["ly"], 1), info))
+    reason = (tile_problem(problem, info, config, "tk", problem.cout_per_group,
+                           "the output channels per group")
+              or work_group_problem((config["lx"], config["ly"], 1), info))
+    if reason or not info.is_cpu:
+        return reason
+    # On a CPU the micro-kernel's tk * tv accumulator vectors, tv input vectors and one
+    # broadcast weight live in vector registers, and beyond them they spill (measured on
+    # AVX2's 16: 8 x 2 tiles ran at half the speed of 6 x 2). A tw wider than the hardware
+    # vector takes several registers.
+    caps = of_info(info)
+    per_vector = caps.registers_per_vector(config["tw"], problem.dtype)
+    in_registers = (config["tk"] * config["tv"] + config["tv"]) * per_vector + 1
+    if in_registers > caps.vector_registers:
+        return (f"(tk*tv + tv) * {per_vector} + 1 = {in_registers} vector registers exceed "
+                f"the device's {caps.vector_registers}")
+    return None
 
 
 def register_tile_default(problem, info, positions, most_ly):
     """The heuristic register tile and work-group of a GEMM over positions, with up to
     most_ly channel blocks per work-group on a CPU."""
     if info.is_cpu:
-        # The 6 x 16 AVX2 micro-kernel (measured: ~190 GFLOP/s of a 234 peak on a 1x1
-        # layer); one vector when two would pad the positions by 10% more (512@7: 61
-        # positions in 4 tiles of 16 ran 1.3x faster than in 8 of 8).
-        tw = min(8, widest_tw(problem))
+        # Two hardware vectors of positions and as many channels as the register file
+        # holds beside them, the two input vectors and a broadcast weight: 6 x 2 on AVX2's
+        # 16 registers (measured: ~190 GFLOP/s of a 234 peak on a 1x1 layer), 14 x 2 on
+        # AVX-512's 32. One vector when two would pad the positions by 10% more (512@7:
+        # 61 positions in 4 tiles of 16 ran 1.3x faster than in 8 of 8).
+        tw = row_width(problem, info, 16)
         tv = 2 if round_up(positions, 2 * tw) <= 1.1 * round_up(positions, tw) else 1
-        tk = even_split(problem.cout_per_group, 6)
+        tk = even_split(problem.cout_per_group, (of_info(info).vector_registers - 3) // 2)
         # A work-group of several channel blocks on one position tile shares the tile's
         # inputs in the core's caches and is one PoCL work-group launch instead of
         # several (measured: 1.2-3x over single work-items).
         local = (1, min(most_ly, pow2_at_most(channel_blocks(problem, tk)[1])))
     else:
-        tw, tv = min(4, widest_tw(problem)), 1
+        tw, tv = row_width(problem, info, 4), 1
         tk = even_split(problem.cout_per_group, 4)
         local = fitting_work_group((min(32, pow2_at_most(-(-positions // tw))), 1), info)
     return {"tk": tk, "tv": tv, "tw": tw, "lx": local[0], "ly": local[1]}

@@ -7,7 +7,7 @@ from .. import programs
 from .base import (Algorithm, Blocks, Buffer, Param, build_step, channel_blocks, even_split,
                    fitting_work_group, index_type, operation_args, with_scratch,
                    work_group_problem)
-from .direct import VECTOR_WIDTHS, geometry, tile_problem, widest_tw, work_group_params
+from .direct import VECTOR_WIDTHS, geometry, row_width, tile_problem, work_group_params
 
 
 class InputGrad(Algorithm):
@@ -23,13 +23,13 @@ class InputGrad(Algorithm):
     )
 
     def constraints(self, problem, info, config):
-        return (tile_problem(problem, config, "tc", problem.cin_per_group,
+        return (tile_problem(problem, info, config, "tc", problem.cin_per_group,
                              "the input channels per group")
                 or work_group_problem((config["lx"], config["ly"], config["lz"]), info))
 
     def default_config(self, problem, info):
         cols = _target(problem)[1]
-        tw = min(8 if cols >= 8 else 4 if cols >= 4 else 1, widest_tw(problem))
+        tw = row_width(problem, info, cols)
         tc = even_split(problem.cin_per_group, 8)
         local = (1, 1, 1) if info.is_cpu else fitting_work_group((min(16, -(-cols // tw)), 4, 1),
                                                                  info)

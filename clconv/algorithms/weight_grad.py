@@ -5,7 +5,7 @@ from .. import programs
 from .base import (Algorithm, Blocks, Buffer, Param, build_step, channel_blocks,
                    fitting_work_group, index_type, operation_args, with_scratch,
                    work_group_problem)
-from .direct import VECTOR_WIDTHS, geometry, tile_problem, widest_tw
+from .direct import VECTOR_WIDTHS, geometry, row_width, tile_problem
 
 SPLITS = (1, 2, 4, 8, 16, 32, 64, 128)
 # sum_splits: the partial sums (acc_t), then the output.
@@ -29,14 +29,13 @@ class WeightGrad(Algorithm):
     def constraints(self, problem, info, config):
         if config["splits"] not in SPLITS:
             return f"splits must be one of {SPLITS}"
-        return (tile_problem(problem, config, "tk", problem.cout_per_group,
+        return (tile_problem(problem, info, config, "tk", problem.cout_per_group,
                              "the output channels per group")
                 or work_group_problem((config["lx"], config["ly"], 1), info))
 
     def default_config(self, problem, info):
         w_out = problem.out_width
-        tw = min(8 if w_out >= 8 else 4 if w_out >= 4 else 2 if w_out >= 2 else 1,
-                 widest_tw(problem))
+        tw = row_width(problem, info, w_out)
         tk = max(v for v in self.param("tk").values if v <= min(4, problem.cout_per_group))
         # Enough independent sums to fill the device, each over at least 8 rows.
         outputs = (problem.cin_per_group * problem.kernel_size[0] * problem.kernel_size[1]

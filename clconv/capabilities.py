@@ -59,7 +59,11 @@ FMA_ITERATIONS = 16384
 FMA_ROUNDS = 5
 UNPROBED_BYTES = 32                     # what every release before the probe used
 UNPROBED_REGISTERS = 16                 # x86-64 with AVX2: the fewest of current SIMD CPUs
-GPU_ACCUMULATORS = 128                  # scalars: half of a GPU work-item's ~255 registers
+# A GPU work-item's register budget for accumulators, in 32-bit scalars: half of the ~255
+# registers NVIDIA and AMD (VGPRs) give one, and half of what Intel's 128 32-byte GRF leave
+# each of 16 SIMD lanes.
+GPU_ACCUMULATORS = 128
+GPU_ACCUMULATORS_BY_VENDOR = {"intel": 64}
 CHECK_TIMEOUT_S = 30
 CHILD_CODE = "import sys, clconv.capabilities as c; c._main(sys.argv)"   # the probe process
 FORMAT = "clconv-capabilities"
@@ -87,6 +91,8 @@ class Capabilities:
     registers: int | None = None
     fma: tuple = ()
     notes: tuple = ()
+    preferred_widths: tuple = ()    # as the device reports them, like native_widths
+    gpu_accumulators: int = GPU_ACCUMULATORS    # see accumulators()
 
     def widths_of(self, dtype) -> tuple:
         """The vector widths a problem of dtype may use (its storage type's probed widths)."""
@@ -110,9 +116,10 @@ class Capabilities:
 
     def accumulators(self) -> int:
         """The bound on a register tile's accumulators, in 4-byte scalars: the register file
-        on CPUs (registers x hardware vector), GPU_ACCUMULATORS elsewhere."""
+        on CPUs (registers x hardware vector), the vendor's GPU budget elsewhere
+        (GPU_ACCUMULATORS_BY_VENDOR)."""
         if not self.is_cpu:
-            return GPU_ACCUMULATORS
+            return self.gpu_accumulators
         return self.vector_registers * (self.fast_width or UNPROBED_BYTES // 4)
 
     def key(self) -> dict:
@@ -127,6 +134,8 @@ class Capabilities:
     def describe(self) -> str:
         widths = ", ".join(f"{t} {'/'.join(map(str, w))}" for t, w in self.widths)
         native = ", ".join(f"{t} {w}" for t, w in self.native_widths)
+        if self.preferred_widths:
+            native += "; preferred: " + ", ".join(f"{t} {w}" for t, w in self.preferred_widths)
         lines = [f"vector widths that build and run correctly: {widths} (reported native: "
                  f"{native}); {self.speed()}"]
         lines += [f"probe: {note}" for note in self.notes]
@@ -138,7 +147,8 @@ def unprobed(info: DeviceInfo, reason: str) -> Capabilities:
     within UNPROBED_BYTES."""
     widths = tuple((s, tuple(w for w in WIDTHS if w * acc_itemsize(STORAGE_DTYPES[s])
                              <= UNPROBED_BYTES)) for s in _storage_types(info))
-    return Capabilities(info.is_cpu, (), widths, notes=(reason,))
+    return Capabilities(info.is_cpu, (), widths, notes=(reason,),
+                        gpu_accumulators=_gpu_accumulators(info))
 
 
 def _storage_types(info):
@@ -325,7 +335,9 @@ def probe(device) -> Capabilities:
                 break
             ok.append(n)
         widths.append((storage, tuple(ok) or (1,)))
-    caps = Capabilities(info.is_cpu, _native_widths(device), tuple(widths), notes=tuple(notes))
+    caps = Capabilities(info.is_cpu, _reported_widths(device, "native"), tuple(widths),
+                        notes=tuple(notes), preferred_widths=_reported_widths(device, "preferred"),
+                        gpu_accumulators=_gpu_accumulators(info))
     if _is_plain_cpu(device):
         caps = _timed(caps, index)
     return caps
@@ -346,9 +358,15 @@ def _timed(caps, index):
     return dataclasses.replace(caps, fast_width=fast, registers=registers, fma=fma)
 
 
-def _native_widths(device):
-    return tuple((t, getattr(device, f"native_vector_width_{t}")) for t in
+def _reported_widths(device, kind):
+    return tuple((t, getattr(device, f"{kind}_vector_width_{t}")) for t in
                  ("float", "double", "half"))
+
+
+def _gpu_accumulators(info):
+    vendor = info.vendor.lower()
+    return next((bound for name, bound in GPU_ACCUMULATORS_BY_VENDOR.items() if name in vendor),
+                GPU_ACCUMULATORS)
 
 
 def _is_plain_cpu(device):
@@ -379,7 +397,8 @@ def _from_json(data):
         raise ValueError("not a capabilities file of this version")
     fields = {f.name for f in dataclasses.fields(Capabilities)}
     values = {k: v for k, v in data.items() if k in fields}
-    values["native_widths"] = tuple(tuple(p) for p in values["native_widths"])
+    for field in ("native_widths", "preferred_widths"):
+        values[field] = tuple(tuple(p) for p in values.get(field, ()))
     values["widths"] = tuple((t, tuple(w)) for t, w in values["widths"])
     values["fma"] = tuple(tuple(f) for f in values.get("fma", ()))
     values["notes"] = tuple(values.get("notes", ()))

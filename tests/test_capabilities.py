@@ -168,6 +168,8 @@ def test_heuristics_fit_the_device_class(info):
         widths=AVX512["widths"]))
     assert gemm.default_config(p, gpu_info)["tw"] == 4
     assert gpu_info.capabilities.accumulators() == capabilities.GPU_ACCUMULATORS
+    intel = dataclasses.replace(gpu_info, vendor="Intel(R) Corporation")
+    assert capabilities.unprobed(intel, "test").accumulators() == 64
     assert with_caps(info, **AVX512).capabilities.accumulators() == 512
     assert with_caps(info, **AVX2).capabilities.accumulators() == 128
     for name, q in (("depthwise", problem(shape=(1, 32, 56, 56), weight=(32, 1, 3, 3),

@@ -161,8 +161,8 @@ def test_heuristics_fit_the_device_class(info):
     gemm = ALGORITHMS["implicit_gemm"]
     avx512 = gemm.default_config(p, with_caps(info, **AVX512, is_cpu=True))
     avx2 = gemm.default_config(p, with_caps(info, **AVX2, is_cpu=True))
-    assert (avx512["tk"], avx512["tw"]) == (14, 16)   # 256 channels in blocks of at most 14
-    assert (avx2["tk"], avx2["tw"]) == (6, 8)
+    assert (avx512["tk"], avx512["tv"], avx512["tw"]) == (8, 1, 16)
+    assert (avx2["tk"], avx2["tv"], avx2["tw"]) == (6, 2, 8)
     gpu_info = dataclasses.replace(info, is_cpu=False, capabilities=dataclasses.replace(
         info.capabilities, is_cpu=False, fast_width=None, registers=None,
         widths=AVX512["widths"]))
@@ -172,11 +172,11 @@ def test_heuristics_fit_the_device_class(info):
     assert capabilities.unprobed(intel, "test").accumulators() == 64
     assert with_caps(info, **AVX512).capabilities.accumulators() == 512
     assert with_caps(info, **AVX2).capabilities.accumulators() == 128
-    for name, q in (("depthwise", problem(shape=(1, 32, 56, 56), weight=(32, 1, 3, 3),
-                                          groups=32)),
-                    ("weight_grad", problem(shape=(1, 32, 56, 56), weight=(32, 32, 3, 3))),
-                    ("input_grad", problem(shape=(1, 32, 56, 56), weight=(32, 32, 3, 3)))):
-        assert ALGORITHMS[name].default_config(q, with_caps(info, **AVX512))["tw"] == 16
+    for name, q, wide in (
+            ("depthwise", problem(shape=(1, 32, 56, 56), weight=(32, 1, 3, 3), groups=32), 16),
+            ("weight_grad", problem(shape=(1, 32, 56, 56), weight=(32, 32, 3, 3)), 8),
+            ("input_grad", problem(shape=(1, 32, 56, 56), weight=(32, 32, 3, 3)), 8)):
+        assert ALGORITHMS[name].default_config(q, with_caps(info, **AVX512))["tw"] == wide
         assert ALGORITHMS[name].default_config(q, with_caps(info, **AVX2))["tw"] == 8
 
 

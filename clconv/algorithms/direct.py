@@ -109,6 +109,11 @@ def geometry(problem, config):
         cin_g=problem.cin_per_group, cout_g=problem.cout_per_group)
 
 
+# The gradients' heuristic rows stay within this many lanes: 16-wide ones ran 1.6-2x slower
+# on PoCL 3.1's AVX-512 code (Zen 4), where the forward GEMM gained from them.
+GRADIENT_ROW_LANES = 8
+
+
 def row_width(problem, info, most):
     """The heuristics' row vector: the widest the device allows up to its hardware vector
     and up to most."""

@@ -17,6 +17,10 @@ from .base import (BATCH, Algorithm, Buffer, Param, build_step, channel_blocks, 
                    scratch_buffer, work_group_problem)
 from .direct import VECTOR_WIDTHS, geometry, row_width, tile_problem
 
+# Channels per CPU work-item at most: each reads its own weight row, and more rows than
+# this ran slower however many registers there were (measured on PoCL 3.1's AVX-512 code on
+# a Zen 4, 32 registers: 14 x 2 x 8 tiles 1.1-2.7x slower than 6 x 2 x 8 and 8 x 1 x 16).
+MAX_TILE_CHANNELS = 8
 # One image's read grid beyond this (a few times a CPU core's L2) gets taller work-groups.
 LARGE_IMAGE_BYTES = 4 << 20
 
@@ -210,14 +214,17 @@ def register_tile_default(problem, info, positions, most_ly):
     """The heuristic register tile and work-group of a GEMM over positions, with up to
     most_ly channel blocks per work-group on a CPU."""
     if info.is_cpu:
-        # Two hardware vectors of positions and as many channels as the register file
-        # holds beside them, the two input vectors and a broadcast weight: 6 x 2 on AVX2's
-        # 16 registers (measured: ~190 GFLOP/s of a 234 peak on a 1x1 layer), 14 x 2 on
-        # AVX-512's 32. One vector when two would pad the positions by 10% more (512@7:
-        # 61 positions in 4 tiles of 16 ran 1.3x faster than in 8 of 8).
+        # The hardware vector, two of them up to 16 positions (one when two would pad the
+        # positions by 10% more: 512@7's 61 positions in 4 tiles of 16 ran 1.3x faster than
+        # in 8 of 8), and as many channels as the registers hold beside two vectors' sums,
+        # inputs and a broadcast weight, up to MAX_TILE_CHANNELS: 6 x 2 x 8 on AVX2's 16
+        # registers (measured: ~190 GFLOP/s of a 234 peak on a 1x1 layer), 8 x 1 x 16 on
+        # AVX-512's 32 (2-10% faster than 6 x 2 x 8 there).
         tw = row_width(problem, info, 16)
-        tv = 2 if round_up(positions, 2 * tw) <= 1.1 * round_up(positions, tw) else 1
-        tk = even_split(problem.cout_per_group, (of_info(info).vector_registers - 3) // 2)
+        tv = 2 if (2 * tw <= 16 and round_up(positions, 2 * tw)
+                   <= 1.1 * round_up(positions, tw)) else 1
+        most = min(MAX_TILE_CHANNELS, (of_info(info).vector_registers - 3) // 2)
+        tk = even_split(problem.cout_per_group, most)
         # A work-group of several channel blocks on one position tile shares the tile's
         # inputs in the core's caches and is one PoCL work-group launch instead of
         # several (measured: 1.2-3x over single work-items).

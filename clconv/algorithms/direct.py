@@ -109,9 +109,13 @@ def geometry(problem, config):
         cin_g=problem.cin_per_group, cout_g=problem.cout_per_group)
 
 
-# The gradients' heuristic rows stay within this many lanes: 16-wide ones ran 1.6-2x slower
+# The gradients' heuristic rows stay within 256 bits of acc_t: 16 floats ran 1.6-2x slower
 # on PoCL 3.1's AVX-512 code (Zen 4), where the forward GEMM gained from them.
-GRADIENT_ROW_LANES = 8
+GRADIENT_ROW_BYTES = 32
+
+
+def gradient_row_lanes(problem):
+    return GRADIENT_ROW_BYTES // acc_itemsize(problem.dtype)
 
 
 def row_width(problem, info, most):

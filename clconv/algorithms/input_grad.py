@@ -7,7 +7,7 @@ from .. import programs
 from .base import (Algorithm, Blocks, Buffer, Param, build_step, channel_blocks, even_split,
                    fitting_work_group, index_type, operation_args, with_scratch,
                    work_group_problem)
-from .direct import (GRADIENT_ROW_LANES, VECTOR_WIDTHS, geometry, row_width, tile_problem,
+from .direct import (VECTOR_WIDTHS, geometry, gradient_row_lanes, row_width, tile_problem,
                      work_group_params)
 
 
@@ -30,7 +30,7 @@ class InputGrad(Algorithm):
 
     def default_config(self, problem, info):
         cols = _target(problem)[1]
-        tw = row_width(problem, info, min(cols, GRADIENT_ROW_LANES))
+        tw = row_width(problem, info, min(cols, gradient_row_lanes(problem)))
         tc = even_split(problem.cin_per_group, 8)
         local = (1, 1, 1) if info.is_cpu else fitting_work_group((min(16, -(-cols // tw)), 4, 1),
                                                                  info)

@@ -5,7 +5,7 @@ from .. import programs
 from .base import (Algorithm, Blocks, Buffer, Param, build_step, channel_blocks,
                    fitting_work_group, index_type, operation_args, with_scratch,
                    work_group_problem)
-from .direct import GRADIENT_ROW_LANES, VECTOR_WIDTHS, geometry, row_width, tile_problem
+from .direct import VECTOR_WIDTHS, geometry, gradient_row_lanes, row_width, tile_problem
 
 SPLITS = (1, 2, 4, 8, 16, 32, 64, 128)
 # sum_splits: the partial sums (acc_t), then the output.
@@ -35,7 +35,7 @@ class WeightGrad(Algorithm):
 
     def default_config(self, problem, info):
         w_out = problem.out_width
-        tw = row_width(problem, info, min(w_out, GRADIENT_ROW_LANES))
+        tw = row_width(problem, info, min(w_out, gradient_row_lanes(problem)))
         tk = max(v for v in self.param("tk").values if v <= min(4, problem.cout_per_group))
         # Enough independent sums to fill the device, each over at least 8 rows.
         outputs = (problem.cin_per_group * problem.kernel_size[0] * problem.kernel_size[1]

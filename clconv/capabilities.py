@@ -27,11 +27,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import re
 import subprocess
 import sys
-import tempfile
 import threading
 import warnings
 from dataclasses import dataclass
@@ -45,7 +43,7 @@ import pyopencl as cl
 from . import programs
 from .programs import STORAGE_DTYPES, acc_itemsize
 from .device import DeviceInfo, all_devices, queried_info
-from .paths import cache_dir
+from .paths import cache_dir, write_json_atomic
 from .version import __version__
 
 WIDTHS = (1, 2, 4, 8, 16)               # the OpenCL vector widths kernels may use
@@ -53,7 +51,9 @@ WIDTHS = (1, 2, 4, 8, 16)               # the OpenCL vector widths kernels may u
 # load lane by lane instead: Oclgrind 21.10 takes a 16-wide shuffle's lanes for uninitialised.
 EVEN_PAIR_WIDTHS = (2, 4, 8)
 FMA_WIDTHS = (4, 8, 16)                 # timed for the hardware vector
-FMA_CHAINS = (8, 12)                    # enough independent chains to hide FMA latency
+# Enough independent chains to hide FMA latency; 12 (and the two operands) still fit 16
+# registers, and the hardware vector is decided there.
+FMA_CHAINS = (8, 12)
 REGISTER_CHAINS = 28                    # with the two operands, 30 of 32 registers
 FAST_SHARE = 0.9
 REGISTER_SHARE = 0.8
@@ -62,8 +62,8 @@ FMA_ROUNDS = 5
 UNPROBED_BYTES = 32                     # what every release before the probe used
 UNPROBED_REGISTERS = 16                 # x86-64 with AVX2: the fewest of current SIMD CPUs
 # A GPU work-item's register budget for accumulators, in 32-bit scalars: half of the ~255
-# registers NVIDIA and AMD (VGPRs) give one, and half of what Intel's 128 32-byte GRF leave
-# each of 16 SIMD lanes.
+# registers NVIDIA and AMD (VGPRs) give one, and half of the 128 floats that Intel's 128
+# 32-byte GRF registers leave each lane at SIMD8.
 GPU_ACCUMULATORS = 128
 GPU_ACCUMULATORS_BY_VENDOR = {"intel": 64}
 CHECK_TIMEOUT_S = 30
@@ -95,17 +95,26 @@ class Capabilities:
     notes: tuple = ()
     preferred_widths: tuple = ()    # as the device reports them, like native_widths
     gpu_accumulators: int = GPU_ACCUMULATORS    # see accumulators()
+    probed: bool = True         # False: the probe could not run (see notes)
 
     def widths_of(self, dtype) -> tuple:
         """The vector widths a problem of dtype may use (its storage type's probed widths)."""
         storage = programs.c_types(dtype)[0]
         return dict(self.widths).get(storage, (1,))
 
+    @property
+    def hardware_floats(self) -> int:
+        """Floats in one hardware vector: the timed one, else UNPROBED_BYTES' worth (what
+        every release before the probe assumed)."""
+        return self.fast_width or UNPROBED_BYTES // 4
+
+    def lanes(self, dtype) -> int:
+        """Lanes of acc_t in one hardware vector."""
+        return max(1, self.hardware_floats * 4 // acc_itemsize(dtype))
+
     def vector_lanes(self, dtype) -> int:
-        """Lanes of acc_t in one hardware vector: the heuristics' row vector. Unmeasured
-        (GPUs, simulators): 4, the width that the GPU defaults have always used."""
-        lanes = (self.fast_width * 4 // acc_itemsize(dtype)) if self.fast_width else 4
-        return max(w for w in self.widths_of(dtype) if w <= max(1, lanes))
+        """The heuristics' row vector: the widest probed width within one hardware vector."""
+        return max(w for w in self.widths_of(dtype) if w <= self.lanes(dtype))
 
     @property
     def vector_registers(self) -> int:
@@ -113,8 +122,7 @@ class Capabilities:
 
     def registers_per_vector(self, tw, dtype) -> int:
         """Hardware registers that one tw-wide vector of acc_t takes."""
-        lanes = (self.fast_width or UNPROBED_BYTES // 4) * 4 // acc_itemsize(dtype)
-        return -(-tw // lanes)
+        return -(-tw // self.lanes(dtype))
 
     def accumulators(self) -> int:
         """The bound on a register tile's accumulators, in 4-byte scalars: the register file
@@ -122,16 +130,18 @@ class Capabilities:
         (GPU_ACCUMULATORS_BY_VENDOR)."""
         if not self.is_cpu:
             return self.gpu_accumulators
-        return self.vector_registers * (self.fast_width or UNPROBED_BYTES // 4)
+        return self.vector_registers * self.hardware_floats
 
     def key(self) -> dict:
-        """What tuned configurations depend on: part of the tuning cache's device key."""
-        return {"widths": {t: list(w) for t, w in self.widths},
-                "fast_width": self.fast_width, "registers": self.registers}
+        """What tuned configurations depend on: part of the tuning cache's device key. Only
+        the correctness facts: the timed ones (hardware vector, registers) steer the
+        heuristics, and tuned entries pass the constraints they set anyway."""
+        return {"widths": {t: list(w) for t, w in self.widths}}
 
     def speed(self) -> str:
-        return (f"hardware vector float{self.fast_width}, {self.registers} vector registers"
-                if self.fast_width else "speed not measured (measured on CPUs only)")
+        if self.fast_width:
+            return f"hardware vector float{self.fast_width}, {self.registers} vector registers"
+        return "speed not measured (timed on CPUs only; see the notes)"
 
     def describe(self) -> str:
         widths = ", ".join(f"{t} {'/'.join(map(str, w))}" for t, w in self.widths)
@@ -150,7 +160,7 @@ def unprobed(info: DeviceInfo, reason: str) -> Capabilities:
     widths = tuple((s, tuple(w for w in WIDTHS if w * acc_itemsize(STORAGE_DTYPES[s])
                              <= UNPROBED_BYTES)) for s in _storage_types(info))
     return Capabilities(info.is_cpu, (), widths, notes=(reason,),
-                        gpu_accumulators=_gpu_accumulators(info))
+                        gpu_accumulators=_gpu_accumulators(info), probed=False)
 
 
 def _storage_types(info):
@@ -259,8 +269,8 @@ def _child(device_index, name, checks):
 
 
 def _blocked(check, results):
-    """Whether a check need not run: a narrower width of its storage type failed, or, for
-    half (computed in float vectors), float failed at this width or below."""
+    """Whether a check need not run: its storage type failed at this width or a narrower
+    one, or, for half (computed in float vectors), float did."""
     storage, n = check[0], check[1]
     related = ("half", "float") if storage == "half" else (storage,)
     return any(result is not None and s in related and m <= n and s != "fma"
@@ -271,41 +281,53 @@ def _blocked(check, results):
 
 def _run_child(index, checks):
     """{check: result} for the checks the child finished, and the check it died or hung in
-    (or None) with the reason. A check (or the start) that takes CHECK_TIMEOUT_S is a hang:
-    PoCL's LLVM 14 spent minutes and gigabytes on some 16-wide kernels for AVX2."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [str(Path(__file__).resolve().parents[1])] + [p for p in [os.environ.get("PYTHONPATH")]
-                                                      if p]))
-    command = [sys.executable, "-c", CHILD_CODE, str(index),
-               all_devices()[index][1].name.strip(), json.dumps(checks)]
+    (or None) with the reason. A check (or the start) that gives no output for
+    CHECK_TIMEOUT_S is a hang: PoCL's LLVM 14 spent minutes and gigabytes on some 16-wide
+    kernels for AVX2."""
+    # This clconv, whatever the working directory or PYTHONPATH holds.
+    code = f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r}); " \
+        + CHILD_CODE
+    command = [sys.executable, "-c", code, str(index), all_devices()[index][1].name.strip(),
+               json.dumps(checks)]
     try:
-        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                text=True, env=env)
+        proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, text=True, errors="replace")
     except OSError as err:
         return {}, None, f"the probe process could not start: {err}"
     lines = Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout] + [lines.put(None)],
-                     daemon=True).start()
+
+    def read():
+        try:
+            for line in proc.stdout:
+                lines.put(line)
+        finally:
+            lines.put(None)
+    threading.Thread(target=read, daemon=True).start()
     results, started, failure = {}, None, None
-    while True:
-        try:
-            line = lines.get(timeout=CHECK_TIMEOUT_S)
-        except Empty:
+    try:
+        while True:
+            try:
+                line = lines.get(timeout=CHECK_TIMEOUT_S)
+            except Empty:
+                failure = f"the probe process gave no output for {CHECK_TIMEOUT_S} s"
+                break
+            if line is None:
+                break
+            try:
+                message = json.loads(line)
+            except ValueError:
+                continue
+            if not isinstance(message, dict):
+                continue
+            if "start" in message:
+                started = tuple(message["start"])
+            elif "done" in message:
+                results[tuple(message["done"])] = message["result"]
+                started = None
+    finally:
+        if proc.poll() is None:
             proc.kill()
-            failure = f"the probe process took more than {CHECK_TIMEOUT_S} s"
-            break
-        if line is None:
-            break
-        try:
-            message = json.loads(line)
-        except ValueError:
-            continue
-        if "start" in message:
-            started = tuple(message["start"])
-        elif "done" in message:
-            results[tuple(message["done"])] = message["result"]
-            started = None
-    code = proc.wait()
+        code = proc.wait()
     if failure is None and code != 0:
         failure = f"the probe process exited with {code}"
     return results, started, failure
@@ -314,7 +336,10 @@ def _run_child(index, checks):
 def probe(device) -> Capabilities:
     """Run the probe for device (in child processes) and derive its capabilities."""
     info = queried_info(device)
-    index = [d for _, d in all_devices()].index(device)
+    devices = [d for _, d in all_devices()]
+    if device not in devices:       # a sub-device: the child process could not find it
+        return unprobed(info, "not among the platforms' devices (a sub-device?): not probed")
+    index = devices.index(device)
     pending = [(s, n) for s in _storage_types(info) for n in WIDTHS]
     results, notes = {}, []
     while pending:
@@ -353,7 +378,8 @@ def _timed(caps, index):
         return dataclasses.replace(caps, notes=caps.notes + (
             f"FMA timing failed ({failure or 'no result'}); speed facts not measured",))
     rates = {(w, c): r for w, c, r in done[check]}
-    best = {w: max(rates[w, c] for c in FMA_CHAINS) for w in check[1:]}
+    # At the most chains: a width the compiler splits into several registers spills there.
+    best = {w: rates[w, FMA_CHAINS[-1]] for w in check[1:]}
     fast = max(w for w in best if best[w] >= FAST_SHARE * max(best.values()))
     registers = 32 if rates[fast, REGISTER_CHAINS] >= REGISTER_SHARE * best[fast] else 16
     fma = tuple(sorted((w, c, round(r, 1)) for (w, c), r in rates.items()))
@@ -373,7 +399,7 @@ def _gpu_accumulators(info):
 
 def _is_plain_cpu(device):
     """A CPU and nothing else (Oclgrind, a simulator, reports every device type)."""
-    return device.type == cl.device_type.CPU
+    return device.type & ~cl.device_type.DEFAULT == cl.device_type.CPU
 
 
 # --- the cache -----------------------------------------------------------------------------
@@ -405,8 +431,14 @@ def _from_json(data):
     values["fma"] = tuple(tuple(f) for f in values.get("fma", ()))
     values["notes"] = tuple(values.get("notes", ()))
     caps = Capabilities(**values)
-    if not all(set(w) <= set(WIDTHS) and 1 in w for _, w in caps.widths):
+    if "float" not in dict(caps.widths) or not all(
+            set(w) <= set(WIDTHS) and 1 in w for _, w in caps.widths):
         raise ValueError("widths out of range")
+    for name in ("fast_width", "registers"):
+        if not (getattr(caps, name) is None or type(getattr(caps, name)) is int):
+            raise ValueError(f"{name} must be an integer or null")
+    if type(caps.is_cpu) is not bool or type(caps.gpu_accumulators) is not int:
+        raise ValueError("is_cpu must be a boolean and gpu_accumulators an integer")
     return caps
 
 
@@ -423,31 +455,46 @@ def _read(path):
 
 
 def _write(path, caps):
-    """Atomically (temporary file + rename); an unwritable cache only costs a re-probe."""
+    """Atomically; an unwritable cache only costs a re-probe in the next process."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False,
-                                         suffix=".tmp", encoding="utf-8") as f:
-            json.dump(_to_json(caps), f, indent=1)
-        os.replace(f.name, path)
+        write_json_atomic(path, _to_json(caps))
     except OSError as err:
         warnings.warn(f"clconv: could not save the device's capabilities to {path}: {err}",
                       stacklevel=3)
 
 
-@lru_cache(maxsize=None)
+_probing = threading.Lock()      # threads asking at once wait for one probe
+
+
 def capabilities_of(device) -> Capabilities:
     """The device's capabilities: from the cache file, else probed (and saved there); once
-    per process and device."""
-    info = queried_info(device)
-    path = cache_path(info)
-    caps = _read(path)
-    if caps is None:
-        print(f"clconv: probing {info.name} once for its vector widths and FMA rate (saved "
-              f"in {path})", file=sys.stderr, flush=True)
-        caps = probe(device)
-        _write(path, caps)
-    return caps
+    per process and device. A sub-device has its root device's (its compiler's)."""
+    return _capabilities_cached(_root(device))
+
+
+@lru_cache(maxsize=None)
+def _capabilities_cached(device):
+    with _probing:
+        info = queried_info(device)
+        path = cache_path(info)
+        caps = _read(path)
+        if caps is None:
+            print(f"clconv: probing {info.name} once for its vector widths and FMA rate "
+                  f"(saved in {path})", file=sys.stderr, flush=True)
+            caps = probe(device)
+            if caps.probed:     # a probe that could not run is tried again next process
+                _write(path, caps)
+        return caps
+
+
+def _root(device):
+    try:
+        while device.parent_device is not None:
+            device = device.parent_device
+    except cl.Error:        # OpenCL 1.1 drivers know no parent
+        pass
+    return device
 
 
 def device_info(device) -> DeviceInfo:

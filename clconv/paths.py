@@ -1,7 +1,9 @@
 """Where clconv's files live: data shipped in the package, and the user's cache directory."""
 from __future__ import annotations
 
+import json
 import os
+import tempfile
 from functools import lru_cache
 from pathlib import Path
 
@@ -26,3 +28,21 @@ def cache_dir() -> Path:
     if explicit:
         return Path(explicit).expanduser()
     return Path(platformdirs.user_cache_dir("clconv", appauthor=False))
+
+
+def write_json_atomic(path, data):
+    """Write data as JSON to path atomically (a temporary file in its folder, then a rename),
+    so a reader never sees a half-written file; the temporary file goes on any failure."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=1)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

@@ -1,6 +1,6 @@
 """The device's measured float32 peak: `clconv bench --peak`, and the bench's share-of-peak.
 
-A kernel of independent `x * a + b` chains on explicit float vectors (capabilities.fma_rate),
+A kernel of independent `x * a + b` chains on explicit float vectors (capabilities.fma_rates),
 timed by profiling events, for every vector width the device's compiler handles (its probed
 widths, up to its native one: 16 where that builds) and a few chain counts; the best is the
 peak. It is what the device's compiler reaches on pure FMAs, a practical bound for any

@@ -1,9 +1,9 @@
 """The tuning store: one human-readable JSON file per device, plus shipped databases.
 
 A cache file's name and its header carry the device's key: name, vendor, platform, driver
-version and the probed capabilities (clconv.capabilities: the vector widths its compiler
-handles, its hardware vector and register file), so a driver update, or a probe that now
-refuses a width, looks in another file. Entries map a problem signature
+version and the probed capabilities' key (clconv.capabilities: the vector widths its
+compiler builds and runs correctly), so a driver update, or a probe that now refuses a
+width, looks in another file. Entries map a problem signature
 to the winning algorithm, its parameters, the measured times and `sources`: the hash of the
 templates that algorithm renders (programs.sources_hash). An entry whose sources differ from
 the installed templates' is out of date and silently skipped, so editing one template
@@ -13,12 +13,13 @@ Writes hold a cross-process lock (filelock, on <file>.lock), re-read the file, m
 replace it atomically (temporary file + rename), so concurrent tuners lose nothing. A
 corrupt, truncated or foreign file gives one warning and is ignored; the next write rebuilds
 it. Every write bumps the generation in state(), which the planner's memo keys include, so
-plans made from older entries are not reused. Databases (tuning/database/*.json, or `clconv tune
---export`) hold the same entries and a `match` of regular expressions on the device; they are
-the fallback below the user's own cache, for the devices their `match` names whose
-capabilities equal the ones they were tuned with (their `capabilities`, when they say). Every entry from either is validated against its
-algorithm (known, of the operation, applies, suits the device, its declared parameters and
-values, its constraints) before it is used.
+plans made from older entries are not reused. Databases (tuning/database/*.json, or
+`clconv tune --export`) hold the same entries and a `match` of regular expressions on the
+device; they are the fallback below the user's own cache, for the devices their `match`
+names whose capabilities' key equals the one they were tuned with (their `capabilities`,
+when they give it). Every entry from either is validated against its algorithm (known, of
+the operation, applies, suits the device, its declared parameters and values, its
+constraints) before it is used.
 """
 from __future__ import annotations
 
@@ -27,7 +28,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import warnings
 from functools import lru_cache
 from pathlib import Path
@@ -37,7 +37,7 @@ from filelock import FileLock
 from . import algorithms, options, programs
 from .algorithms import winograd
 from .capabilities import of_info
-from .paths import cache_dir, shipped_dir
+from .paths import cache_dir, shipped_dir, write_json_atomic
 from .version import __version__
 
 CACHE_FORMAT = "clconv-tuning-cache"
@@ -196,22 +196,6 @@ def record(info, new_entries, replace=False):
     _memo.pop(str(path), None)
     _generation[0] += 1
     return path
-
-
-def write_json_atomic(path, data):
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def databases_dir() -> Path:

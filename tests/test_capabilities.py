@@ -5,7 +5,6 @@ import dataclasses
 import json
 import subprocess
 import sys
-import warnings
 
 import numpy as np
 import pyopencl as cl
@@ -24,10 +23,10 @@ def info():
     return clconv.device_info(clconv.queue_for().device)
 
 
-def with_caps(info, **fields):
-    """info with capabilities changed (an AVX-512 target, a GPU, a failed probe...)."""
-    return dataclasses.replace(info, capabilities=dataclasses.replace(info.capabilities,
-                                                                      **fields))
+def with_caps(info, is_cpu=True, **fields):
+    """info as a CPU (or not) with capabilities changed (an AVX-512 target, AVX2...)."""
+    return dataclasses.replace(info, is_cpu=is_cpu, capabilities=dataclasses.replace(
+        info.capabilities, is_cpu=is_cpu, **fields))
 
 
 AVX512 = dict(widths=(("float", WIDTHS), ("half", WIDTHS), ("double", WIDTHS[:-1])),
@@ -65,28 +64,28 @@ def test_capabilities_are_cached_on_disk_and_a_bad_file_is_re_probed(info, tmp_p
                                                                        monkeypatch):
     device = clconv.queue_for().device
     monkeypatch.setenv("CLCONV_CACHE_DIR", str(tmp_path))
-    capabilities.capabilities_of.cache_clear()
+    capabilities._capabilities_cached.cache_clear()
     try:
         first = capabilities.capabilities_of(device)
         path = capabilities.cache_path(info)
         saved = json.loads(path.read_text())
         assert saved["format"] == "clconv-capabilities" and saved["widths"]
         assert first.key() == info.capabilities.key()
-        capabilities.capabilities_of.cache_clear()
+        capabilities._capabilities_cached.cache_clear()
         probes = []
         monkeypatch.setattr(capabilities, "probe", lambda d: probes.append(d) or first)
         assert capabilities.capabilities_of(device) == first and not probes    # from the file
         for bad in ("{not json", json.dumps(dict(saved, widths=[["float", [1, 3]]])),
-                    json.dumps(dict(saved, version=99))):
+                    json.dumps(dict(saved, version=99)), json.dumps(dict(saved, registers="32")),
+                    json.dumps(dict(saved, widths=[["half", [1, 2]]]))):
             path.write_text(bad)
-            capabilities.capabilities_of.cache_clear()
-            with warnings.catch_warnings(record=True):
-                warnings.simplefilter("always")
+            capabilities._capabilities_cached.cache_clear()
+            with pytest.warns(UserWarning, match="re-probing the device"):
                 assert capabilities.capabilities_of(device) == first
-        assert len(probes) == 3
+        assert len(probes) == 5
         assert json.loads(path.read_text())["widths"] == saved["widths"]     # rewritten
     finally:
-        capabilities.capabilities_of.cache_clear()
+        capabilities._capabilities_cached.cache_clear()
 
 
 CRASH = ("import os, sys, clconv.capabilities as c\n"
@@ -117,14 +116,16 @@ def test_a_probe_that_cannot_run_falls_back_to_the_conservative_widths(monkeypat
     assert dict(caps.widths)["float"] == (1, 2, 4, 8)       # 32-byte vectors at most
     assert dict(caps.widths).get("double", (1, 2, 4)) == (1, 2, 4)
     assert caps.fast_width is None and "exited with 3" in caps.notes[0]
-    assert caps.accumulators() == (128 if caps.is_cpu else capabilities.GPU_ACCUMULATORS)
+    assert caps.accumulators() == (128 if caps.is_cpu else capabilities._gpu_accumulators(
+        capabilities.queried_info(device)))
+    assert not caps.probed        # not saved: the next process tries again
 
 
 def test_fma_timings_that_crash_leave_the_speed_facts_unmeasured(monkeypatch):
     device = clconv.queue_for().device
     if device.type != cl.device_type.CPU:
         pytest.skip("FMA timings are taken on CPUs only")
-    code = CRASH.replace("c.check_width = ", "c.fma_rates = lambda *a: os.abort()\nx = ")
+    code = CRASH.replace("c.check_width = ", "c.fma_rates = lambda *a, **k: os.abort()\nx = ")
     monkeypatch.setattr(capabilities, "CHILD_CODE", code.format(n=0))
     caps = capabilities.probe(device)
     assert caps.fast_width is None and caps.registers is None
@@ -159,13 +160,12 @@ def test_parameter_spaces_follow_the_probed_widths(info):
 def test_heuristics_fit_the_device_class(info):
     p = problem(shape=(1, 256, 14, 14), weight=(256, 256, 3, 3))
     gemm = ALGORITHMS["implicit_gemm"]
-    avx512 = gemm.default_config(p, with_caps(info, **AVX512, is_cpu=True))
-    avx2 = gemm.default_config(p, with_caps(info, **AVX2, is_cpu=True))
+    avx512 = gemm.default_config(p, with_caps(info, **AVX512))
+    avx2 = gemm.default_config(p, with_caps(info, **AVX2))
     assert (avx512["tk"], avx512["tv"], avx512["tw"]) == (8, 1, 16)
     assert (avx2["tk"], avx2["tv"], avx2["tw"]) == (6, 2, 8)
-    gpu_info = dataclasses.replace(info, is_cpu=False, capabilities=dataclasses.replace(
-        info.capabilities, is_cpu=False, fast_width=None, registers=None,
-        widths=AVX512["widths"]))
+    gpu_info = with_caps(info, is_cpu=False, fast_width=None, registers=None,
+                         widths=AVX512["widths"], gpu_accumulators=128)
     assert gemm.default_config(p, gpu_info)["tw"] == 4
     assert gpu_info.capabilities.accumulators() == capabilities.GPU_ACCUMULATORS
     intel = dataclasses.replace(gpu_info, vendor="Intel(R) Corporation")
@@ -187,6 +187,8 @@ def test_the_capabilities_are_part_of_the_tuning_key(info, tmp_path, monkeypatch
     wide, narrow = with_caps(info, **AVX512), with_caps(info, **AVX2)
     assert store.cache_path(wide) != store.cache_path(narrow)
     assert store.device_key(wide)["capabilities"]["widths"]["float"] == list(WIDTHS)
+    # Timed facts steer heuristics only: a re-probe that times them otherwise keeps the file.
+    assert store.cache_path(wide) == store.cache_path(with_caps(wide, registers=16))
     p = problem(shape=(1, 24, 14, 14), weight=(24, 24, 3, 3))
     sig = store.signature(p)
     entry = {"algorithm": "implicit_gemm", "config": dict(tk=6, tv=1, tw=16, lx=1, ly=1, ukw=0),
@@ -270,8 +272,21 @@ def test_clconv_info_shows_the_capabilities():
 
 def test_bench_peak_tries_every_width_up_to_the_native_one(info):
     from clconv import peak
-    widths = peak.widths(info)
+    measured = peak.measure(clconv.queue_for(), repeats=1)
     native = dict(info.capabilities.native_widths)["float"]
-    assert widths == tuple(w for w in info.capabilities.widths_of("float32")
-                           if w <= max(4, native))
-    assert 4 in widths
+    probed = info.capabilities.widths_of("float32")
+    assert {w for w, _ in measured.trials} == {w for w in probed if w <= max(4, native)}
+    assert {c for _, c in measured.trials} == set(peak.CHAINS)
+    assert measured.gflops == max(measured.trials.values()) > 0
+
+
+def test_a_sub_device_gets_the_conservative_capabilities():
+    device = clconv.queue_for().device
+    try:
+        sub = device.create_sub_devices([cl.device_partition_property.EQUALLY, 1])[0]
+    except (cl.Error, cl.LogicError):
+        pytest.skip("the device cannot be partitioned")
+    caps = capabilities.probe(sub)
+    assert "sub-device" in caps.notes[0] and max(dict(caps.widths)["float"]) <= 8
+    # Used through device_info, it has its root device's capabilities (its compiler's).
+    assert clconv.device_info(sub).capabilities == clconv.device_info(device).capabilities

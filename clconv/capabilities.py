@@ -25,9 +25,7 @@ registers), with the reason in `notes`.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
-import re
 import subprocess
 import sys
 import threading
@@ -43,7 +41,7 @@ import pyopencl as cl
 from . import programs
 from .programs import STORAGE_DTYPES, acc_itemsize
 from .device import DeviceInfo, all_devices, queried_info
-from .paths import cache_dir, write_json_atomic
+from .paths import keyed_file, write_json_atomic
 from .version import __version__
 
 WIDTHS = (1, 2, 4, 8, 16)               # the OpenCL vector widths kernels may use
@@ -112,9 +110,11 @@ class Capabilities:
         """Lanes of acc_t in one hardware vector."""
         return max(1, self.hardware_floats * 4 // acc_itemsize(dtype))
 
-    def vector_lanes(self, dtype) -> int:
-        """The heuristics' row vector: the widest probed width within one hardware vector."""
-        return max(w for w in self.widths_of(dtype) if w <= self.lanes(dtype))
+    def row_width(self, dtype, most) -> int:
+        """The heuristics' row vector: the widest probed width within one hardware vector
+        and within most (at least 1)."""
+        limit = max(1, min(most, self.lanes(dtype)))
+        return max(w for w in self.widths_of(dtype) if w <= limit)
 
     @property
     def vector_registers(self) -> int:
@@ -409,11 +409,9 @@ def probe_sources():
 
 
 def cache_path(info) -> Path:
-    key = json.dumps([info.name, info.vendor, info.platform, info.driver_version,
-                      probe_sources(), __version__, VERSION])
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", info.name).strip("-")[:48] or "device"
-    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-    return cache_dir() / "capabilities" / f"{slug}-{digest}.json"
+    return keyed_file("capabilities", info.name, [info.name, info.vendor, info.platform,
+                                                  info.driver_version, probe_sources(),
+                                                  __version__, VERSION])
 
 
 def _to_json(caps):
@@ -467,14 +465,15 @@ def _write(path, caps):
 _probing = threading.Lock()      # threads asking at once wait for one probe
 
 
+@lru_cache(maxsize=None)
 def capabilities_of(device) -> Capabilities:
     """The device's capabilities: from the cache file, else probed (and saved there); once
     per process and device. A sub-device has its root device's (its compiler's)."""
-    return _capabilities_cached(_root(device))
+    return _root_capabilities(_root(device))
 
 
 @lru_cache(maxsize=None)
-def _capabilities_cached(device):
+def _root_capabilities(device):
     with _probing:
         info = queried_info(device)
         path = cache_path(info)
@@ -497,14 +496,17 @@ def _root(device):
     return device
 
 
-def device_info(device) -> DeviceInfo:
-    """The device's queried limits and features with its probed capabilities."""
-    return _info_cached(device, capabilities_of(device))
-
-
 @lru_cache(maxsize=None)
-def _info_cached(device, caps):
-    return dataclasses.replace(queried_info(device), capabilities=caps)
+def device_info(device) -> DeviceInfo:
+    """The device's queried limits and features with its probed capabilities (once per
+    process and device: every call and plan asks)."""
+    return dataclasses.replace(queried_info(device), capabilities=capabilities_of(device))
+
+
+def forget():
+    """Drop what this process remembers of every device's capabilities (the files stay)."""
+    for memo in (device_info, capabilities_of, _root_capabilities):
+        memo.cache_clear()
 
 
 def of_info(info) -> Capabilities:

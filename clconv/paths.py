@@ -1,8 +1,10 @@
 """Where clconv's files live: data shipped in the package, and the user's cache directory."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import tempfile
 from functools import lru_cache
 from pathlib import Path
@@ -28,6 +30,14 @@ def cache_dir() -> Path:
     if explicit:
         return Path(explicit).expanduser()
     return Path(platformdirs.user_cache_dir("clconv", appauthor=False))
+
+
+def keyed_file(folder, name, key) -> Path:
+    """<cache dir>/folder/<name as a slug>-<hash of key>.json: a cache file per device (and
+    whatever else key holds), readable by name, distinct by key."""
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-")[:48] or "device"
+    digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:12]
+    return cache_dir() / folder / f"{slug}-{digest}.json"
 
 
 def write_json_atomic(path, data):

@@ -23,7 +23,6 @@ constraints) before it is used.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -37,7 +36,7 @@ from filelock import FileLock
 from . import algorithms, options, programs
 from .algorithms import winograd
 from .capabilities import of_info
-from .paths import cache_dir, shipped_dir, write_json_atomic
+from .paths import keyed_file, shipped_dir, write_json_atomic
 from .version import __version__
 
 CACHE_FORMAT = "clconv-tuning-cache"
@@ -86,9 +85,7 @@ def device_key(info):
 
 def cache_path(info) -> Path:
     """This device's cache file under the current driver."""
-    key = json.dumps(device_key(info))
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", info.name).strip("-")[:48] or "device"
-    return cache_dir() / "tuning" / f"{slug}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.json"
+    return keyed_file("tuning", info.name, device_key(info))
 
 
 def other_cache_files(info):

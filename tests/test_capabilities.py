@@ -64,14 +64,14 @@ def test_capabilities_are_cached_on_disk_and_a_bad_file_is_re_probed(info, tmp_p
                                                                        monkeypatch):
     device = clconv.queue_for().device
     monkeypatch.setenv("CLCONV_CACHE_DIR", str(tmp_path))
-    capabilities._capabilities_cached.cache_clear()
+    capabilities.forget()
     try:
         first = capabilities.capabilities_of(device)
         path = capabilities.cache_path(info)
         saved = json.loads(path.read_text())
         assert saved["format"] == "clconv-capabilities" and saved["widths"]
         assert first.key() == info.capabilities.key()
-        capabilities._capabilities_cached.cache_clear()
+        capabilities.forget()
         probes = []
         monkeypatch.setattr(capabilities, "probe", lambda d: probes.append(d) or first)
         assert capabilities.capabilities_of(device) == first and not probes    # from the file
@@ -79,13 +79,13 @@ def test_capabilities_are_cached_on_disk_and_a_bad_file_is_re_probed(info, tmp_p
                     json.dumps(dict(saved, version=99)), json.dumps(dict(saved, registers="32")),
                     json.dumps(dict(saved, widths=[["half", [1, 2]]]))):
             path.write_text(bad)
-            capabilities._capabilities_cached.cache_clear()
+            capabilities.forget()
             with pytest.warns(UserWarning, match="re-probing the device"):
                 assert capabilities.capabilities_of(device) == first
         assert len(probes) == 5
         assert json.loads(path.read_text())["widths"] == saved["widths"]     # rewritten
     finally:
-        capabilities._capabilities_cached.cache_clear()
+        capabilities.forget()
 
 
 CRASH = ("import os, sys, clconv.capabilities as c\n"

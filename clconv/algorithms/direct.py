@@ -121,6 +121,4 @@ def gradient_row_lanes(problem):
 def row_width(problem, info, most):
     """The heuristics' row vector: the widest the device allows up to its hardware vector
     and up to most."""
-    caps = of_info(info)
-    limit = min(most, caps.vector_lanes(problem.dtype))
-    return max(w for w in caps.widths_of(problem.dtype) if w <= max(1, limit))
+    return of_info(info).row_width(problem.dtype, most)

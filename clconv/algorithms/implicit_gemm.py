@@ -197,17 +197,21 @@ def register_tile_problem(problem, info, config):
               or work_group_problem((config["lx"], config["ly"], 1), info))
     if reason or not info.is_cpu:
         return reason
-    # On a CPU the micro-kernel's tk * tv accumulator vectors, tv input vectors and one
-    # broadcast weight live in vector registers, and beyond them they spill (measured on
-    # AVX2's 16: 8 x 2 tiles ran at half the speed of 6 x 2). A tw wider than the hardware
-    # vector takes several registers.
     caps = of_info(info)
-    per_vector = caps.registers_per_vector(config["tw"], problem.dtype)
-    in_registers = (config["tk"] * config["tv"] + config["tv"]) * per_vector + 1
+    in_registers = tile_registers(problem, caps, config["tk"], config["tv"], config["tw"])
     if in_registers > caps.vector_registers:
+        per_vector = caps.registers_per_vector(config["tw"], problem.dtype)
         return (f"(tk*tv + tv) * {per_vector} + 1 = {in_registers} vector registers exceed "
                 f"the device's {caps.vector_registers}")
     return None
+
+
+def tile_registers(problem, caps, tk, tv, tw):
+    """The CPU vector registers a GEMM micro-kernel takes: its tk * tv accumulator vectors,
+    tv input vectors and one broadcast weight, beyond which they spill (measured on AVX2's
+    16: 8 x 2 tiles ran at half the speed of 6 x 2). A tw wider than the hardware vector
+    takes several registers."""
+    return (tk * tv + tv) * caps.registers_per_vector(tw, problem.dtype) + 1
 
 
 def register_tile_default(problem, info, positions, most_ly):
@@ -223,7 +227,10 @@ def register_tile_default(problem, info, positions, most_ly):
         tw = row_width(problem, info, 16)
         tv = 2 if (2 * tw <= 16 and round_up(positions, 2 * tw)
                    <= 1.1 * round_up(positions, tw)) else 1
-        most = min(MAX_TILE_CHANNELS, (of_info(info).vector_registers - 3) // 2)
+        caps = of_info(info)
+        most = max((tk for tk in range(1, MAX_TILE_CHANNELS + 1)
+                    if tile_registers(problem, caps, tk, 2, tw) <= caps.vector_registers),
+                   default=1)
         tk = even_split(problem.cout_per_group, most)
         # A work-group of several channel blocks on one position tile shares the tile's
         # inputs in the core's caches and is one PoCL work-group launch instead of

@@ -84,8 +84,10 @@ def variants():
     for tw in ALGORITHMS["direct"].params[1].values:
         for op in ("forward", "input_grad", "weight_grad"):
             prefix = "" if op == "forward" else f"{op}-"
-            yield (f"{prefix}tw{tw}", op, (1, 3, 6, 11), (4, 3, 3, 3), True, dict(padding=1),
-                   "float32", TILES[op](4 if op != "input_grad" else 3, tw))
+            config = TILES[op](4 if op == "forward" else 3, tw)
+            if takes(op, config, "tw", tw):
+                yield (f"{prefix}tw{tw}", op, (1, 3, 6, 11), (4, 3, 3, 3), True,
+                       dict(padding=1), "float32", config)
     yield ("depthwise-mult2", "forward", (1, 3, 7, 7), (6, 1, 3, 3), True,
            dict(padding=1, groups=3), "float32", dict(tk=1, tw=4))
     yield ("1x1-stride2", "forward", (2, 5, 7, 9), (3, 5, 1, 1), False, dict(stride=2),
@@ -105,17 +107,15 @@ def variants():
             for mode in ("zeros", "reflect"):
                 yield (f"{prefix}{dtype}-{mode}", op, (1, 3, 6, 9), (4, 3, 3, 3), True,
                        dict(padding=1, padding_mode=mode), dtype, TILES[op](2, 4))
-            yield (f"{prefix}{dtype}-tw1", op, (1, 2, 4, 4), (2, 2, 3, 3), False,
-                   dict(stride=2), dtype, TILES[op](2, 1))
+            if takes(op, TILES[op](2, 1), "tw", 1):
+                yield (f"{prefix}{dtype}-tw1", op, (1, 2, 4, 4), (2, 2, 3, 3), False,
+                       dict(stride=2), dtype, TILES[op](2, 1))
     yield from gemm_variants()
     yield from tiled_gemm_variants()
     yield from depthwise_variants()
     yield from winograd_variants()
-    # The weight gradient's split reduction (partial sums, then sum_splits), ragged columns.
-    for dtype in ("float16", "float32", "float64"):
-        yield (f"weight_grad-splits-{dtype}", "weight_grad", (3, 2, 5, 9), (4, 2, 3, 3), False,
-               dict(padding=1, padding_mode="circular"), dtype,
-               dict(TILES["weight_grad"](3, 4), splits=4))
+    yield from input_grad_variants()
+    yield from weight_grad_variants()
     # The fused epilogue: every activation, with a residual, on full and ragged tiles.
     for activation in list(ACTIVATIONS)[1:]:
         for dtype in ("float16", "float32", "float64"):
@@ -282,10 +282,110 @@ def winograd_variants():
                    wino(3, 1, 4, activation=activation, residual=True))
 
 
+def input_grad_variants():
+    """The input gradient's GEMMs: phases without taps (zeros), dy read in place by a 1x1
+    kernel whose last tiles read lane by lane, strided stores (whole vectors within a row
+    and across its end), every vector count and width, unrolled columns, dtypes, long
+    indices; and the stride-1 depthwise form (the forward's kernel on flipped weights)."""
+    def gemm(tc, tv, tw, **extra):
+        return dict(algorithm="input_grad_gemm", tc=tc, tv=tv, tw=tw) | extra
+    op = "input_grad"
+    yield ("igemm-1x1-in-place-tail", op, (2, 5, 3, 5), (3, 5, 1, 1), False, {}, "float32",
+           gemm(2, 2, 4))
+    yield ("igemm-1x1-s2-empty-phases", op, (2, 5, 7, 9), (3, 5, 1, 1), False,
+           dict(stride=2), "float32", gemm(3, 1, 2))
+    yield ("igemm-s2x3-d2x1-g2", op, (1, 4, 11, 13), (4, 2, 3, 4), False,
+           dict(stride=(2, 3), dilation=(2, 1), padding=(2, 1), groups=2), "float32",
+           gemm(1, 3, 4, ukw=1))
+    yield ("igemm-stem-7x7-s2", op, (1, 3, 15, 17), (5, 3, 7, 7), False,
+           dict(stride=2, padding=3), "float32", gemm(2, 4, 2))
+    yield ("igemm-depthwise-mult2-s2", op, (1, 3, 9, 11), (6, 1, 3, 3), False,
+           dict(stride=2, padding=1, groups=3, padding_mode="replicate"), "float32",
+           gemm(1, 4, 8))
+    for dtype in DTYPES:
+        tile = (1, 1) if dtype == "float64" else (2, 1)
+        yield (f"igemm-tw16-{dtype}", op, (1, 3, 5, 19), (4, 3, 3, 3), False,
+               dict(padding=1, padding_mode="reflect"), dtype, gemm(*tile, 16))
+    def dw(tw, rows, **extra):
+        return dict(algorithm="input_grad_depthwise", tw=tw, rows=rows) | extra
+    yield ("igdw-p1", op, (2, 3, 7, 13), (3, 1, 3, 3), False, dict(padding=1, groups=3),
+           "float32", dw(4, 2))
+    yield ("igdw-same-d2-asym", op, (1, 2, 8, 9), (2, 1, 2, 3), False,
+           dict(padding="same", dilation=2, groups=2), "float32", dw(2, 4))
+    yield ("igdw-unpadded-wide", op, (1, 2, 4, 40), (2, 1, 3, 3), False, dict(groups=2),
+           "float32", dw(8, 1))
+    yield ("igdw-tw1-narrow", op, (1, 2, 5, 3), (2, 1, 3, 3), False, dict(padding=1, groups=2),
+           "float32", dw(1, 2))
+    yield ("igdw-long-index", op, (1, 2, 5, 9), (2, 1, 3, 3), False,
+           dict(padding=1, groups=2), "float32", dw(4, 2, idx_t="long"))
+    for dtype in DTYPES:
+        yield (f"igdw-tw16-{dtype}", op, (1, 2, 4, 70), (2, 1, 3, 3), False,
+               dict(padding=1, groups=2), dtype, dw(16, 2))
+    for dtype in ("float16", "float64"):
+        yield (f"igdw-{dtype}", op, (1, 3, 7, 21), (3, 1, 3, 3), False,
+               dict(padding=1, groups=3), dtype, dw(4, 2))
+
+
+def weight_grad_variants():
+    """The weight gradient's GEMMs: rows that are whole vectors and rows with a cleared
+    last vector, an unpadded input staged for that vector's reads, ragged channel and column
+    blocks, split sums (sum_splits), every dtype and width, long indices; and the form
+    vectorised along output channels (dy transposed) with ragged channel tiles."""
+    def gemm(tk, tn, tw, **extra):
+        return dict(algorithm="weight_grad_gemm", tk=tk, tn=tn, tw=tw, splits=1) | extra
+    def channels(tv, tw, tn, **extra):
+        return dict(algorithm="weight_grad_channels", tv=tv, tw=tw, tn=tn, splits=1) | extra
+    op = "weight_grad"
+    yield ("wgemm-1x1-whole-rows", op, (2, 5, 3, 8), (3, 5, 1, 1), False, {}, "float32",
+           gemm(2, 4, 4))
+    yield ("wgemm-unpadded-staged-for-last-vector", op, (1, 3, 6, 7), (4, 3, 3, 3), False, {},
+           "float32", gemm(3, 2, 4))
+    yield ("wgemm-s2-phases-g2", op, (2, 4, 9, 11), (6, 2, 3, 3), False,
+           dict(stride=2, padding=1, groups=2, padding_mode="reflect"), "float32",
+           gemm(2, 5, 2))
+    for dtype in DTYPES:
+        yield (f"wgemm-splits-{dtype}", op, (3, 2, 5, 9), (4, 2, 3, 3), False,
+               dict(padding=1, padding_mode="circular"), dtype, gemm(3, 4, 4, splits=4))
+        tile = (1, 1) if dtype == "float64" else (2, 2)
+        yield (f"wgemm-tw16-{dtype}", op, (1, 3, 4, 21), (4, 3, 3, 3), False,
+               dict(padding=1), dtype, gemm(*tile, 16))
+    for mode in ("zeros", "reflect", "replicate", "circular"):
+        yield (f"wchan-{mode}-ragged", op, (2, 3, 5, 7), (5, 3, 3, 3), False,
+               dict(padding=1, padding_mode=mode), "float32", channels(1, 4, 4))
+    for tv in (2, 3, 4):
+        yield (f"wchan-tv{tv}-s2-g2", op, (1, 4, 9, 10), (2 * 2 * tv + 2, 2, 2, 3), False,
+               dict(stride=2, dilation=(2, 1), padding=(2, 1), groups=2), "float32",
+               channels(tv, 2, 2))
+    yield ("wchan-splits-long-index", op, (3, 2, 5, 6), (4, 2, 3, 3), False, dict(padding=1),
+           "float32", channels(1, 4, 5, splits=4, idx_t="long"))
+    for dtype in DTYPES:
+        yield (f"wchan-{dtype}", op, (2, 3, 6, 9), (4, 3, 3, 3), False,
+               dict(padding=1, padding_mode="replicate"), dtype, channels(1, 2, 3))
+        yield (f"wchan-tw{8 if dtype == 'float64' else 16}-{dtype}", op, (1, 2, 4, 5),
+               (16, 2, 3, 3), False, dict(padding=1), dtype,
+               channels(1, 8 if dtype == "float64" else 16, 2))
+    for tw in (4, 8):
+        yield (f"wchan-tw{tw}", op, (1, 2, 4, 5), (9, 2, 3, 3), False, {}, "float32",
+               channels(1, tw, 2))
+
+
 # Tile parameters per operation: (channels per work-item, vector width) -> config.
 TILES = {"forward": lambda k, w: dict(tk=k, tw=w),
-         "input_grad": lambda k, w: dict(tc=k, tw=w),
-         "weight_grad": lambda k, w: dict(tk=k, tw=w, splits=1)}
+         "input_grad": lambda k, w: dict(tc=k, tv=1, tw=w),
+         "weight_grad": lambda k, w: dict(tk=k, tn=1, tw=w, splits=1)}
+# The algorithm of a variant whose config names none.
+DEFAULT_ALGORITHM = {"forward": "direct", "input_grad": "input_grad_gemm",
+                     "weight_grad": "weight_grad_gemm"}
+
+
+def algorithm_of(operation, config):
+    """The algorithm a variant's config runs."""
+    return ALGORITHMS[config.get("algorithm", DEFAULT_ALGORITHM[operation])]
+
+
+def takes(operation, config, name, value):
+    """Whether the variant's algorithm declares value among its parameter name's values."""
+    return value in algorithm_of(operation, config).param(name).values
 
 
 def allowed(queue, dtype, config):
@@ -317,8 +417,8 @@ def build_variant(queue, name, operation, x_shape, w_shape, with_bias, kwargs, d
     activation, with_residual = config.pop("activation", None), config.pop("residual", False)
     epilogue = dict(activation=activation, has_residual=with_residual) if operation == "forward" \
         else None
-    algorithm = ALGORITHMS[config.pop("algorithm", operation if operation != "forward"
-                                      else "direct")]
+    algorithm = algorithm_of(operation, config)
+    config.pop("algorithm", None)
     local = {p.name: 1 for p in algorithm.params if p.name in ("lx", "ly", "lz")}
     launch = algorithm.build(problem, queue, local | config, epilogue=epilogue)
     return launch, problem, (x, w, b, dy, residual), (activation, with_residual)

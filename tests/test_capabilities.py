@@ -147,9 +147,10 @@ def test_parameter_spaces_follow_the_probed_widths(info):
     assert "registers" in gemm.constraints(p, narrow, dict(config, tk=8, tv=2, tw=8))
     assert gemm.constraints(p, wide, dict(config, tk=14, tv=2)) is None
     assert "registers" in gemm.constraints(p, wide, dict(config, tk=15, tv=2))
-    for name in ("direct", "depthwise", "input_grad", "weight_grad"):
+    for name in ("direct", "depthwise", "input_grad_gemm", "input_grad_depthwise",
+                 "weight_grad_gemm", "weight_grad_channels"):
         algorithm = ALGORITHMS[name]
-        q = problem(weight=(64, 1, 3, 3), groups=64) if name == "depthwise" else p
+        q = problem(weight=(64, 1, 3, 3), groups=64, padding=1) if "depthwise" in name else p
         base = algorithm.default_config(q, wide)
         assert algorithm.constraints(q, wide, dict(base, tw=16)) is None, name
         assert "tw must be one of" in algorithm.constraints(q, narrow, dict(base, tw=16)), name
@@ -174,10 +175,14 @@ def test_heuristics_fit_the_device_class(info):
     assert with_caps(info, **AVX2).capabilities.accumulators() == 128
     for name, q, wide in (
             ("depthwise", problem(shape=(1, 32, 56, 56), weight=(32, 1, 3, 3), groups=32), 16),
-            ("weight_grad", problem(shape=(1, 32, 56, 56), weight=(32, 32, 3, 3)), 8),
-            ("input_grad", problem(shape=(1, 32, 56, 56), weight=(32, 32, 3, 3)), 8)):
+            # The gradients' rows stay within 256 bits; the input gradient's GEMM and the
+            # channel-vectorised weight gradient are the forward's micro-kernel (turned
+            # around), and take its widths.
+            ("weight_grad_gemm", problem(shape=(1, 32, 56, 56), weight=(32, 32, 3, 3)), 8),
+            ("weight_grad_channels", problem(shape=(1, 32, 14, 14), weight=(32, 32, 3, 3)), 16),
+            ("input_grad_gemm", problem(shape=(1, 32, 56, 56), weight=(32, 32, 3, 3)), 16)):
         assert ALGORITHMS[name].default_config(q, with_caps(info, **AVX512))["tw"] == wide
-        assert ALGORITHMS[name].default_config(q, with_caps(info, **AVX2))["tw"] == 8
+        assert ALGORITHMS[name].default_config(q, with_caps(info, **AVX2))["tw"] == 8, name
 
 
 def test_the_capabilities_are_part_of_the_tuning_key(info, tmp_path, monkeypatch):
@@ -218,7 +223,8 @@ def width_cases():
         if dtype == "float64" and not info.fp64:
             continue
         for tw in info.capabilities.widths_of(dtype):
-            for name in ("implicit_gemm", "direct", "depthwise", "input_grad", "weight_grad"):
+            for name in ("implicit_gemm", "direct", "depthwise", "input_grad_gemm",
+                         "input_grad_depthwise", "weight_grad_gemm", "weight_grad_channels"):
                 if tw in ALGORITHMS[name].param("tw").values:
                     yield pytest.param(name, dtype, tw, id=f"{name}-{dtype}-tw{tw}")
 
@@ -229,25 +235,28 @@ TOLERANCE = {"float16": 2e-2, "float32": 1e-4, "float64": 1e-10}
 @pytest.mark.parametrize("name, dtype, tw", list(width_cases()))
 def test_every_probed_width_is_correct(name, dtype, tw):
     rng = np.random.default_rng(tw)
-    groups = 6 if name == "depthwise" else 1
+    groups = 6 if "depthwise" in name else 1
     x = rng.standard_normal((2, 6, 9, 37)).astype(dtype)
     w = rng.standard_normal((6, 6 // groups, 3, 3)).astype(dtype)
     xt, wt = torch.from_numpy(x.astype(np.float64)), torch.from_numpy(w.astype(np.float64))
-    params = dict(tw=tw) | (dict(tk=1, tv=1) if name == "implicit_gemm" else {})
+    smallest = {"implicit_gemm": dict(tk=1, tv=1), "input_grad_gemm": dict(tc=1, tv=1),
+                "weight_grad_gemm": dict(tk=1, tn=1), "weight_grad_channels": dict(tv=1, tn=1)}
+    params = dict(tw=tw) | smallest.get(name, {})
+    args = dict(padding=1, groups=groups)
     with clconv.use_algorithm(name, **params):
-        if name == "input_grad":
+        if name.startswith("input_grad"):
             dy = rng.standard_normal((2, 6, 9, 37)).astype(dtype)
-            got = clconv.conv2d_input_grad(x.shape, w, dy, padding=1)
+            got = clconv.conv2d_input_grad(x.shape, w, dy, **args)
             want = torch.nn.grad.conv2d_input(x.shape, wt, torch.from_numpy(
-                dy.astype(np.float64)), padding=1)
-        elif name == "weight_grad":
+                dy.astype(np.float64)), **args)
+        elif name.startswith("weight_grad"):
             dy = rng.standard_normal((2, 6, 9, 37)).astype(dtype)
-            got = clconv.conv2d_weight_grad(x, w.shape, dy, padding=1)
+            got = clconv.conv2d_weight_grad(x, w.shape, dy, **args)
             want = torch.nn.grad.conv2d_weight(xt, w.shape, torch.from_numpy(
-                dy.astype(np.float64)), padding=1)
+                dy.astype(np.float64)), **args)
         else:
-            got = clconv.conv2d(x, w, padding=1, groups=groups)
-            want = torch.nn.functional.conv2d(xt, wt, padding=1, groups=groups)
+            got = clconv.conv2d(x, w, **args)
+            want = torch.nn.functional.conv2d(xt, wt, **args)
     scale = max(1.0, float(want.abs().max()))
     assert np.abs(got.astype(np.float64) - want.numpy()).max() / scale < TOLERANCE[dtype]
 

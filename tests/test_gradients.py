@@ -21,6 +21,8 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import clconv  # noqa: E402
+from clconv import algorithms  # noqa: E402
+from clconv.problem import make_problem  # noqa: E402
 
 from reference import (  # noqa: E402
     ACTIVATIONS,
@@ -173,6 +175,8 @@ MATRIX = [
     ("g3_s2_k3x2", C(2, 6, 8, 7, 9, (3, 2), 2, 1, 1, 3, False)),
     ("depthwise_mult2_s2", C(2, 3, 7, 7, 6, 3, 2, 1, 1, 3)),
     ("depthwise_mult3_same_d2", C(1, 4, 8, 7, 12, 3, 1, "same", 2, 4)),
+    ("depthwise_same_k2x3_d2_asym", C(2, 4, 8, 7, 4, (2, 3), 1, "same", 2, 4)),
+    ("depthwise_p1_unbatched", C(None, 5, 6, 9, 5, 3, 1, 1, 1, 5)),
     # padding modes
     ("reflect_pad_size_minus1_s2", C(2, 2, 4, 5, 3, 3, 2, (3, 4), 1, 1, True, RF)),
     ("reflect_same_k4_g2", C(2, 4, 6, 7, 4, 4, 1, "same", 1, 2, True, RF)),
@@ -201,10 +205,11 @@ assert len(CASES) == len(MATRIX), "duplicate case ids"
 # with PoCL), so float32 leaves out cases whose features other float32 cases repeat and that
 # float64 / float16 run in full.
 F64 = ["k3_s3_last_unread", "k5_s2_overlap", "s2x3_pair_p1x0", "same_k4x3_d3x1_asym",
-       "depthwise_mult3_same_d2", "reflect_pad_size_minus1_s2", "replicate_pad_exceeds_input",
-       "circular_same_k2x5_d1x2_g3", "unbatched_reflect_g2_s2x1", "batch0_reflect_s2"]
-F16 = ["k3_s2_p1", "same_k2_even_asym", "reflect_same_k4_g2", "replicate_pad_exceeds_input",
-       "circular_s3_last_unread", "unbatched"]
+       "depthwise_mult3_same_d2", "depthwise_same_k2x3_d2_asym", "reflect_pad_size_minus1_s2",
+       "replicate_pad_exceeds_input", "circular_same_k2x5_d1x2_g3",
+       "unbatched_reflect_g2_s2x1", "batch0_reflect_s2"]
+F16 = ["k3_s2_p1", "same_k2_even_asym", "depthwise_same_k2x3_d2_asym", "reflect_same_k4_g2",
+       "replicate_pad_exceeds_input", "circular_s3_last_unread", "unbatched"]
 F32_ONLY_ELSEWHERE = {"k5_s2_overlap", "s2x3_pair_p1x0", "same_k4x3_d3x1_asym",
                       "depthwise_mult3_same_d2", "circular_same_k2x5_d1x2_g3",
                       "unbatched_reflect_g2_s2x1", "batch0_reflect_s2", "k3_s2_p1"}
@@ -227,6 +232,49 @@ def test_float64(case_id, has_fp64):
 @pytest.mark.parametrize("case_id", F16)
 def test_float16(case_id):
     run_case(CASES[case_id], np.float16, case_id)
+
+
+# Each case above runs the algorithm the heuristic picks for it; here every gradient
+# algorithm is forced (its heuristic configuration) on every case it applies to.
+GRADIENT_ALGORITHMS = [a.name for op in ("input_grad", "weight_grad")
+                       for a in algorithms.for_operation(op)]
+
+
+def problem_of(c, dtype):
+    x_shape = c.x_shape() if c.n is not None else (1,) + c.x_shape()
+    return make_problem(x_shape, dtype, c.w_shape(), dtype, None, None, c.stride, c.padding,
+                        c.dilation, c.groups, c.mode)[0]
+
+
+def forced_cases(ids, dtype):
+    return [pytest.param(name, case_id, id=f"{name}-{case_id}") for name in GRADIENT_ALGORITHMS
+            for case_id in ids
+            if algorithms.ALGORITHMS[name].applies(problem_of(CASES[case_id], dtype))]
+
+
+@pytest.mark.parametrize("name,case_id", forced_cases(F32, "float32"))
+def test_every_algorithm_float32(name, case_id):
+    with clconv.use_algorithm(name):
+        run_case(CASES[case_id], np.float32, f"{name} {case_id}")
+
+
+@pytest.mark.parametrize("name,case_id", forced_cases(F64, "float64"))
+def test_every_algorithm_float64(name, case_id, has_fp64):
+    _need_fp64(np.float64, has_fp64)
+    with clconv.use_algorithm(name):
+        run_case(CASES[case_id], np.float64, f"{name} {case_id}")
+
+
+@pytest.mark.parametrize("name,case_id", forced_cases(F16, "float16"))
+def test_every_algorithm_float16(name, case_id):
+    with clconv.use_algorithm(name):
+        run_case(CASES[case_id], np.float16, f"{name} {case_id}")
+
+
+def test_every_gradient_algorithm_is_exercised():
+    forced = {name for ids, dtype in ((F32, "float32"), (F64, "float64"), (F16, "float16"))
+              for name, _ in (p.values for p in forced_cases(ids, dtype))}
+    assert forced == set(GRADIENT_ALGORITHMS)
 
 
 def test_positional_arguments():

@@ -19,7 +19,6 @@ import clconv
 import oclgrind_variants
 from clconv import capabilities, programs
 from clconv.algorithms import ALGORITHMS
-from clconv.problem import PADDING_MODES
 
 SCRIPT = Path(__file__).with_name("oclgrind_variants.py")
 OCLGRIND = shutil.which("oclgrind")
@@ -92,8 +91,7 @@ def test_variants_run_every_dtype_mode_index_type_and_vector_shape():
     with each declared value of the parameters in SHAPING it has."""
     seen = {name: set() for name in ALGORITHMS}
     for _, operation, _, _, _, kwargs, dtype, config in oclgrind_variants.variants():
-        algorithm = ALGORITHMS[config.get("algorithm", operation if operation != "forward"
-                                          else "direct")]
+        algorithm = oclgrind_variants.algorithm_of(operation, config)
         seen[algorithm.name] |= {("dtype", dtype), ("idx_t", config.get("idx_t", "int")),
                                  ("padding_mode", kwargs.get("padding_mode", "zeros"))}
         seen[algorithm.name] |= {(p.name, config.get(p.name, SHAPING[p.name]))
@@ -101,7 +99,7 @@ def test_variants_run_every_dtype_mode_index_type_and_vector_shape():
     for algorithm in ALGORITHMS.values():
         wanted = ({("dtype", d) for d in oclgrind_variants.DTYPES}
                   | {("idx_t", t) for t in ("int", "long")}
-                  | {("padding_mode", m) for m in PADDING_MODES}
+                  | {("padding_mode", m) for m in algorithm.padding_modes}
                   | {(p.name, v) for p in algorithm.params if p.name in SHAPING
                      for v in p.values})
         assert wanted <= seen[algorithm.name], (algorithm.name,

@@ -5,13 +5,16 @@ from .base import OPERATIONS, Algorithm, Launch, Param
 from .depthwise import Depthwise
 from .direct import Direct
 from .implicit_gemm import ImplicitGemm
-from .input_grad import InputGrad
+from .input_grad_depthwise import InputGradDepthwise
+from .input_grad_gemm import InputGradGemm
 from .tiled_gemm import TiledGemm
-from .weight_grad import WeightGrad
+from .weight_grad_channels import WeightGradChannels
+from .weight_grad_gemm import WeightGradGemm
 from .winograd import Winograd
 
-ALGORITHMS = {a.name: a for a in (Depthwise(), Winograd(), TiledGemm(), ImplicitGemm(),
-                                  Direct(), InputGrad(), WeightGrad())}
+ALGORITHMS = {a.name: a for a in (Depthwise(), Winograd(), TiledGemm(), ImplicitGemm(), Direct(),
+                                  InputGradDepthwise(), InputGradGemm(), WeightGradChannels(),
+                                  WeightGradGemm())}
 
 
 def for_operation(operation):

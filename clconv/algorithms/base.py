@@ -26,7 +26,7 @@ import pyopencl as cl
 
 from .. import programs
 from ..capabilities import device_info
-from ..problem import INT32_LIMIT
+from ..problem import INT32_LIMIT, PADDING_MODES
 from ..programs import Buffer, Scalar, acc_itemsize
 
 
@@ -235,6 +235,7 @@ class Algorithm:
     templates: tuple = ()   # every template it renders (default: (template,))
     kernel_name = ""
     params: tuple = ()
+    padding_modes: tuple = PADDING_MODES    # the padding modes it computes
 
     def rendered_templates(self):
         return self.templates or (self.template,)

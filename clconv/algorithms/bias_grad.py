@@ -7,7 +7,7 @@ from .. import programs
 from ..problem import INT32_LIMIT
 from ..capabilities import of_info
 from .base import BATCH, Blocks, Buffer, build_step, with_scratch
-from .weight_grad import SUM_SPLITS_ARGS
+from .weight_grad_gemm import SUM_SPLITS_ARGS
 
 def splits_for(info, batch, channels):
     """Shares of the batch summed apart: enough independent sums to fill the device."""

@@ -9,6 +9,9 @@ from .base import (Algorithm, Blocks, Param, acc_itemsize, channel_blocks, even_
 # its compiler builds and runs correctly (PoCL's LLVM 14 crashes on 16-wide vectors where it
 # targets AVX2). 3-wide ones crash Oclgrind 21.10's uninitialised-value check.
 VECTOR_WIDTHS = WIDTHS
+# Off by default: on PoCL (AVX2) unrolling kw turned overlapping row loads into shuffles and
+# spills (~2x slower on 3x3 layers); other compilers may gain from it.
+UNROLL_KW = Param("ukw", (0, 1), "unroll the kernel-column loop")
 
 
 def work_group_params(along_x, along_y, along_z):
@@ -26,9 +29,7 @@ class Direct(Algorithm):
         Param("tk", tuple(range(1, 17)), "output channels per work-item"),
         Param("tw", VECTOR_WIDTHS, "output pixels per work-item along the row (one vector)"),
         *work_group_params("width tiles", "output rows", "output-channel blocks"),
-        # Off by default: on PoCL (AVX2) unrolling kw turned overlapping row loads into
-        # shuffles and spills (~2x slower on 3x3 layers); other compilers may gain from it.
-        Param("ukw", (0, 1), "unroll the kernel-column loop"),
+        UNROLL_KW,
     )
 
     def constraints(self, problem, info, config):

@@ -15,7 +15,7 @@ from ..problem import INT32_LIMIT
 from .base import (BATCH, Algorithm, Buffer, Param, build_step, channel_blocks, even_split,
                    fitting_work_group, index_type, param_named, pow2_at_most, round_up,
                    scratch_buffer, work_group_problem)
-from .direct import VECTOR_WIDTHS, geometry, row_width, tile_problem
+from .direct import UNROLL_KW, VECTOR_WIDTHS, geometry, row_width, tile_problem
 
 # Channels per CPU work-item at most: each reads its own weight row, and more rows than
 # this ran slower however many registers there were (measured on PoCL 3.1's AVX-512 code on
@@ -27,13 +27,18 @@ LARGE_IMAGE_BYTES = 4 << 20
 
 # The register tile of a GEMM micro-kernel and its work-group: tk output channels x tv vectors
 # of tw positions per work-item (shared with Winograd's GEMM).
-REGISTER_TILE_PARAMS = (
-    Param("tk", tuple(range(1, 17)), "output channels per work-item"),
-    Param("tv", (1, 2, 3, 4), "vectors of positions per work-item"),
-    Param("tw", VECTOR_WIDTHS[1:], "positions per vector"),
-    Param("lx", (1, 2, 4, 8, 16, 32), "work-group size along position tiles"),
-    Param("ly", (1, 2, 4, 8), "work-group size along output-channel blocks"),
-)
+def register_tile_params(channels="tk", what="output channels"):
+    """The Params of a GEMM register tile whose channels (M) are `what`."""
+    return (
+        Param(channels, tuple(range(1, 17)), f"{what} per work-item"),
+        Param("tv", (1, 2, 3, 4), "vectors of positions per work-item"),
+        Param("tw", VECTOR_WIDTHS[1:], "positions per vector"),
+        Param("lx", (1, 2, 4, 8, 16, 32), "work-group size along position tiles"),
+        Param("ly", (1, 2, 4, 8), f"work-group size along {what[:-1]} blocks"),
+    )
+
+
+REGISTER_TILE_PARAMS = register_tile_params()
 TV_VALUES = param_named(REGISTER_TILE_PARAMS, "tv").values
 
 
@@ -92,10 +97,11 @@ def phases(problem):
     return along(kh, dh, sh), along(kw, dw, sw)
 
 
-def grid(problem, tile=1, idx_t=None) -> Grid:
-    """The Grid of problem for tiles of `tile` positions; idx_t forces the index type."""
+def grid(problem, tile=1, idx_t=None, force_staged=False) -> Grid:
+    """The Grid of problem for tiles of `tile` positions; idx_t forces the index type;
+    force_staged stages an input that could be read in place (for its zero rows)."""
     (kh, kw), (dh, dw), (sh, sw) = problem.kernel_size, problem.dilation, problem.stride
-    is_staged = staged(problem)
+    is_staged = force_staged or staged(problem)
     if is_staged:
         used_rows = problem.out_height + (kh - 1) * dh // sh
         cols = problem.out_width + (kw - 1) * dw // sw
@@ -118,32 +124,60 @@ def grid(problem, tile=1, idx_t=None) -> Grid:
 
 def staging_problem(problem, info, tile):
     """Why the staged grid cannot be allocated (or None)."""
-    if not staged(problem):
+    return grid_problem("staged input", grid(problem, tile), problem, problem.in_channels,
+                        info)
+
+
+def grid_problem(what, layout, problem, channels, info):
+    """Why layout's grid of problem.batch images of channels cannot be allocated on the
+    device (None when it is not staged, or fits)."""
+    if not layout.staged:
         return None
-    nbytes = grid(problem, tile).elements(problem.batch, problem.in_channels) \
-        * problem.numpy_dtype.itemsize
-    return allocation_problem("staged input", nbytes, info)
+    nbytes = layout.elements(problem.batch, channels) * problem.numpy_dtype.itemsize
+    return allocation_problem(what, nbytes, info)
 
 
-def staging_launcher(problem, queue, layout, main):
-    """run(): stage the input onto layout's grid (when staged), then main on it."""
+@dataclass(frozen=True)
+class Planes:
+    """The images an operand holds, as a staging pass reads them: `channels` planes of
+    `height` x `width` per image, padded by (pad_top, pad_left) under padding_mode and
+    sampled at stride."""
+    channels: int
+    height: int
+    width: int
+    pad_top: int = 0
+    pad_left: int = 0
+    stride: tuple = (1, 1)
+    padding_mode: str = "zeros"
+
+
+def input_planes(problem):
+    """The forward's input as its GEMMs stage it."""
+    return Planes(problem.in_channels, problem.height, problem.width, problem.pad[0],
+                  problem.pad[2], problem.stride, problem.padding_mode)
+
+
+def staging_launcher(problem, queue, layout, main, planes=None, operand=0):
+    """run(): stage inputs[operand] (planes: default the input) onto layout's grid (when
+    staged), then main on it in its place."""
     if not layout.staged:
         return main
+    planes = planes or input_planes(problem)
     stage = build_step(
         queue, "stage.cl.mako", "stage",
-        dict(dtype=problem.dtype, idx_t=layout.idx_t, grid=layout, stride=problem.stride,
-             pad_top=problem.pad[0], pad_left=problem.pad[2], height=problem.height,
-             width=problem.width, channels=problem.in_channels,
-             padding_mode=problem.padding_mode),
+        dict(dtype=problem.dtype, idx_t=layout.idx_t, grid=layout, stride=planes.stride,
+             pad_top=planes.pad_top, pad_left=planes.pad_left, height=planes.height,
+             width=planes.width, channels=planes.channels, padding_mode=planes.padding_mode),
         (Buffer("x"), Buffer("xs", const=False), BATCH),
-        lambda batch: (layout.phases[0] * layout.rows, batch * problem.in_channels))
+        lambda batch: (layout.phases[0] * layout.rows, batch * planes.channels))
     itemsize = problem.numpy_dtype.itemsize
 
     def run(queue, inputs, output, batch, wait_for):
-        scratch = scratch_buffer(queue, layout.elements(batch, problem.in_channels), itemsize)
-        first = stage(queue, batch, *inputs[0], scratch, 0, batch, wait_for=wait_for)
-        return [first] + main(queue, [(scratch, 0)] + list(inputs[1:]), output, batch,
-                              [first])
+        scratch = scratch_buffer(queue, layout.elements(batch, planes.channels), itemsize)
+        first = stage(queue, batch, *inputs[operand], scratch, 0, batch, wait_for=wait_for)
+        inputs = list(inputs)
+        inputs[operand] = (scratch, 0)
+        return [first] + main(queue, inputs, output, batch, [first])
     return run
 
 
@@ -152,7 +186,7 @@ class ImplicitGemm(Algorithm):
     template = "implicit_gemm.cl.mako"
     templates = ("implicit_gemm.cl.mako", "stage.cl.mako")
     kernel_name = "implicit_gemm"
-    params = REGISTER_TILE_PARAMS + (Param("ukw", (0, 1), "unroll the kernel-column loop"),)
+    params = REGISTER_TILE_PARAMS + (UNROLL_KW,)
 
     def preferred(self, problem):
         # One input channel per group (depthwise) leaves one FMA per loaded input vector
@@ -188,21 +222,25 @@ class ImplicitGemm(Algorithm):
         return staging_launcher(problem, queue, constants["grid"], main)
 
 
-def register_tile_problem(problem, info, config):
-    """Why a GEMM register tile config is invalid for problem on the device (or None)."""
+def register_tile_problem(problem, info, config, channels="tk", of="cout"):
+    """Why a GEMM register tile config is invalid for problem on the device (or None). Its
+    channels (M) are config[channels] of the group's output channels (of="cout") or input
+    channels (of="cin")."""
     if config["tv"] not in TV_VALUES:
         return f"tv must be one of {TV_VALUES}"
-    reason = (tile_problem(problem, info, config, "tk", problem.cout_per_group,
-                           "the output channels per group")
+    most = problem.cout_per_group if of == "cout" else problem.cin_per_group
+    what = "output" if of == "cout" else "input"
+    reason = (tile_problem(problem, info, config, channels, most,
+                           f"the {what} channels per group")
               or work_group_problem((config["lx"], config["ly"], 1), info))
     if reason or not info.is_cpu:
         return reason
     caps = of_info(info)
-    in_registers = tile_registers(problem, caps, config["tk"], config["tv"], config["tw"])
+    in_registers = tile_registers(problem, caps, config[channels], config["tv"], config["tw"])
     if in_registers > caps.vector_registers:
         per_vector = caps.registers_per_vector(config["tw"], problem.dtype)
-        return (f"(tk*tv + tv) * {per_vector} + 1 = {in_registers} vector registers exceed "
-                f"the device's {caps.vector_registers}")
+        return (f"({channels}*tv + tv) * {per_vector} + 1 = {in_registers} vector registers "
+                f"exceed the device's {caps.vector_registers}")
     return None
 
 
@@ -214,9 +252,10 @@ def tile_registers(problem, caps, tk, tv, tw):
     return (tk * tv + tv) * caps.registers_per_vector(tw, problem.dtype) + 1
 
 
-def register_tile_default(problem, info, positions, most_ly):
+def register_tile_default(problem, info, positions, most_ly, channels="tk", of="cout"):
     """The heuristic register tile and work-group of a GEMM over positions, with up to
-    most_ly channel blocks per work-group on a CPU."""
+    most_ly channel blocks per work-group on a CPU (channels, of: as register_tile_problem)."""
+    per_group = problem.cout_per_group if of == "cout" else problem.cin_per_group
     if info.is_cpu:
         # The hardware vector, two of them up to 16 positions (one when two would pad the
         # positions by 10% more: 512@7's 61 positions in 4 tiles of 16 ran 1.3x faster than
@@ -231,13 +270,13 @@ def register_tile_default(problem, info, positions, most_ly):
         most = max((tk for tk in range(1, MAX_TILE_CHANNELS + 1)
                     if tile_registers(problem, caps, tk, 2, tw) <= caps.vector_registers),
                    default=1)
-        tk = even_split(problem.cout_per_group, most)
+        tk = even_split(per_group, most)
         # A work-group of several channel blocks on one position tile shares the tile's
         # inputs in the core's caches and is one PoCL work-group launch instead of
         # several (measured: 1.2-3x over single work-items).
-        local = (1, min(most_ly, pow2_at_most(channel_blocks(problem, tk)[1])))
+        local = (1, min(most_ly, pow2_at_most(channel_blocks(problem, tk, of)[1])))
     else:
         tw, tv = row_width(problem, info, 4), 1
-        tk = even_split(problem.cout_per_group, 4)
+        tk = even_split(per_group, 4)
         local = fitting_work_group((min(32, pow2_at_most(-(-positions // tw))), 1), info)
-    return {"tk": tk, "tv": tv, "tw": tw, "lx": local[0], "ly": local[1]}
+    return {channels: tk, "tv": tv, "tw": tw, "lx": local[0], "ly": local[1]}

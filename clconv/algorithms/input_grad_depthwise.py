@@ -1,0 +1,75 @@
+"""The input gradient of a stride-1 depthwise convolution, as a depthwise convolution.
+
+With one channel per group and stride 1, dx[c] is dy[c] correlated with w[c] turned
+around, on dy padded by (kernel reach - padding) on each side: the forward's depthwise
+kernel computes it, after flip_weight turns the weights (a pass over the weights only, each
+call: in training they change every step). The tuner tunes it with the forward's depthwise
+parameters, on that problem.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from ..arrays import WORD_TYPES
+from .base import Algorithm, Buffer, build_step, scratch_buffer
+from .depthwise import Depthwise
+
+DEPTHWISE = Depthwise()
+FLIP_ARGS = (Buffer("w", "word_t", offset_t="long"),
+             Buffer("wf", "word_t", const=False, offset=False))
+
+
+def as_forward(problem):
+    """The forward depthwise problem whose output is problem's input gradient."""
+    (kh, kw), (dh, dw) = problem.kernel_size, problem.dilation
+    reach_h, reach_w = dh * (kh - 1), dw * (kw - 1)
+    pt, pb, pl, pr = problem.pad
+    return dataclasses.replace(
+        problem, height=problem.out_height, width=problem.out_width,
+        pad=(reach_h - pt, reach_h - pb, reach_w - pl, reach_w - pr), has_bias=False)
+
+
+class InputGradDepthwise(Algorithm):
+    operation = "input_grad"
+    name = "input_grad_depthwise"
+    template = "depthwise.cl.mako"
+    templates = ("depthwise.cl.mako", "flip_weight.cl.mako")
+    params = DEPTHWISE.params
+    padding_modes = ("zeros",)
+
+    def applies(self, problem):
+        # Padding beyond the kernel's reach would be a crop of dy: not a forward problem.
+        (kh, kw), (dh, dw) = problem.kernel_size, problem.dilation
+        pt, pb, pl, pr = problem.pad
+        return (problem.groups == problem.in_channels == problem.out_channels
+                and problem.stride == (1, 1) and problem.padding_mode in self.padding_modes
+                and max(pt, pb) <= dh * (kh - 1) and max(pl, pr) <= dw * (kw - 1))
+
+    def constraints(self, problem, info, config):
+        if not self.applies(problem):
+            return ("needs a depthwise layer (one channel in and out per group) of stride 1, "
+                    "zero padding within the kernel's reach")
+        return DEPTHWISE.constraints(as_forward(problem), info, config)
+
+    def default_config(self, problem, info):
+        return DEPTHWISE.default_config(as_forward(problem), info)
+
+    def all_constants(self, problem, config, epilogue=None):
+        return DEPTHWISE.all_constants(as_forward(problem), config)
+
+    def launcher(self, problem, queue, config, strict, constants):
+        forward = as_forward(problem)
+        main = DEPTHWISE.launcher(forward, queue, config, strict, constants)
+        kh, kw = problem.kernel_size
+        channels = problem.in_channels
+        itemsize = problem.numpy_dtype.itemsize
+        flip = build_step(queue, "flip_weight.cl.mako", "flip_weight",
+                          dict(kernel_size=problem.kernel_size, channels=channels,
+                               word_t=WORD_TYPES[itemsize]), FLIP_ARGS,
+                          lambda batch: (kh * kw, channels))
+
+        def run(queue, inputs, output, batch, wait_for):
+            wf = scratch_buffer(queue, channels * kh * kw, itemsize)
+            first = flip(queue, batch, *inputs[1], wf, wait_for=wait_for)
+            return [first] + main(queue, [inputs[0], (wf, 0)], output, batch, [first])
+        return run

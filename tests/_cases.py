@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import zlib
+from pathlib import Path
 from typing import Optional, Tuple, Union
 
 import numpy as np
@@ -213,3 +215,12 @@ def apply_layout(x, w, layout, rng):
         np.testing.assert_array_equal(w2, w)
         return x, w2
     return x, w
+
+
+def load_example(name):
+    """The module examples/<name>.py, loaded from the checkout."""
+    path = Path(__file__).resolve().parent.parent / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

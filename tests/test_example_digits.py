@@ -1,24 +1,18 @@
 """examples/train_digits.py on a reduced setting: it learns, and clconv trains like torch."""
-import importlib.util
-from pathlib import Path
+import os
+import sys
 
 import pytest
 
 pytest.importorskip("torch")
 pytest.importorskip("sklearn")
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "train_digits.py"
-
-
-def load_example():
-    spec = importlib.util.spec_from_file_location("train_digits", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _cases import load_example  # noqa: E402
 
 
 def test_train_digits_matches_torch(capsys):
-    results = load_example().main(["--epochs", "3", "--limit", "400", "--compare"])
+    results = load_example("train_digits").main(["--epochs", "3", "--limit", "400", "--compare"])
     assert results["problems"] == []
     ours, theirs = results["clconv"], results["torch"]
     assert len(ours["loss"]) == 3 and ours["loss"][-1] < ours["loss"][0] - 0.1

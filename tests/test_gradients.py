@@ -234,8 +234,8 @@ def test_float16(case_id):
     run_case(CASES[case_id], np.float16, case_id)
 
 
-# Each case above runs the algorithm the heuristic picks for it; here every gradient
-# algorithm is forced (its heuristic configuration) on every case it applies to.
+# Each case above runs the algorithm the heuristic picks for it; here every other gradient
+# algorithm that applies to the case is forced on it (its heuristic configuration).
 GRADIENT_ALGORITHMS = [a.name for op in ("input_grad", "weight_grad")
                        for a in algorithms.for_operation(op)]
 
@@ -247,9 +247,14 @@ def problem_of(c, dtype):
 
 
 def forced_cases(ids, dtype):
+    info = clconv.device_info(clconv.queue_for().device)
+
+    def not_the_heuristics(name, problem):
+        algorithm = algorithms.ALGORITHMS[name]
+        return (algorithm.applies(problem)
+                and algorithms.choose(problem, info, algorithm.operation)[0] is not algorithm)
     return [pytest.param(name, case_id, id=f"{name}-{case_id}") for name in GRADIENT_ALGORITHMS
-            for case_id in ids
-            if algorithms.ALGORITHMS[name].applies(problem_of(CASES[case_id], dtype))]
+            for case_id in ids if not_the_heuristics(name, problem_of(CASES[case_id], dtype))]
 
 
 @pytest.mark.parametrize("name,case_id", forced_cases(F32, "float32"))
@@ -272,9 +277,14 @@ def test_every_algorithm_float16(name, case_id):
 
 
 def test_every_gradient_algorithm_is_exercised():
-    forced = {name for ids, dtype in ((F32, "float32"), (F64, "float64"), (F16, "float16"))
-              for name, _ in (p.values for p in forced_cases(ids, dtype))}
-    assert forced == set(GRADIENT_ALGORITHMS)
+    """Every gradient algorithm runs on the matrix: by the heuristic's choice or forced."""
+    info = clconv.device_info(clconv.queue_for().device)
+    chosen, forced = set(), set()
+    for ids, dtype in ((F32, "float32"), (F64, "float64"), (F16, "float16")):
+        forced |= {p.values[0] for p in forced_cases(ids, dtype)}
+        chosen |= {algorithms.choose(problem_of(CASES[case_id], dtype), info, op)[0].name
+                   for case_id in ids for op in ("input_grad", "weight_grad")}
+    assert chosen | forced == set(GRADIENT_ALGORITHMS)
 
 
 def test_positional_arguments():

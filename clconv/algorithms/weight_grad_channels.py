@@ -88,7 +88,7 @@ class WeightGradChannels(Algorithm):
         n = columns(problem)
         if info.is_cpu:
             # The forward's tile turned around: the hardware vector of channels (16 floats
-            # on AVX-512 ran 1.15x faster than 2 x 8 there), two of them where there are
+            # on AVX-512 ran 1.18x faster than 2 x 8 there), two of them where there are
             # enough channels, and as many columns as the registers hold beside their sums
             # (2 x 8 x 6 on AVX2).
             caps = of_info(info)

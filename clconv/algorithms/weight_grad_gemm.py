@@ -161,7 +161,7 @@ class WeightGradGemm(Algorithm):
         if info.is_cpu:
             # Two output channels, and as many columns as the registers hold beside their
             # sums and two dy vectors, up to MAX_TILE_CHANNELS (2 x 6 on AVX2's 16: measured
-            # 1.0-1.35x faster than 3 x 4 and 1.5x faster than 1 x 12).
+            # 1.0-1.35x faster than 3 x 4 and 1.3x faster than 1 x 12).
             caps = of_info(info)
             tk = min(cout_g, 2)
             tn = max((tn for tn in range(1, min(n, MAX_TILE_CHANNELS) + 1)

@@ -168,10 +168,15 @@ class Blocks:
         return self.extent - self.extent % self.size
 
 
+def channels_per_group(problem, of="cout"):
+    """A group's output channels, or its input channels with of="cin"."""
+    return problem.cout_per_group if of == "cout" else problem.cin_per_group
+
+
 def channel_blocks(problem, per_item, of="cout"):
     """Blocks of per_item channels of a group (output channels, or input channels with
     of="cin"), and the NDRange's count of them over all groups."""
-    blocks = Blocks(problem.cout_per_group if of == "cout" else problem.cin_per_group, per_item)
+    blocks = Blocks(channels_per_group(problem, of), per_item)
     return blocks, problem.groups * blocks.count
 
 

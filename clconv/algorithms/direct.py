@@ -110,8 +110,9 @@ def geometry(problem, config):
         cin_g=problem.cin_per_group, cout_g=problem.cout_per_group)
 
 
-# The gradients' heuristic rows stay within 256 bits of acc_t: 16 floats ran 1.6-2x slower
-# on PoCL 3.1's AVX-512 code (Zen 4), where the forward GEMM gained from them.
+# The weight gradient's heuristic rows along positions stay within 256 bits of acc_t: on
+# PoCL 3.1's AVX-512 code (Zen 4) 16 floats ran 1.6-2x slower with the release's gradient
+# kernels, and weight_grad_gemm's 6% slower, where the forward GEMM gained from them.
 GRADIENT_ROW_BYTES = 32
 
 

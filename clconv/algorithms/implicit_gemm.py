@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from ..capabilities import of_info
 from ..limits import allocation_problem
 from ..problem import INT32_LIMIT
-from .base import (BATCH, Algorithm, Buffer, Param, build_step, channel_blocks, even_split,
+from .base import (BATCH, Algorithm, Buffer, Param, build_step, channel_blocks,
+                   channels_per_group, even_split,
                    fitting_work_group, index_type, param_named, pow2_at_most, round_up,
                    scratch_buffer, work_group_problem)
 from .direct import UNROLL_KW, VECTOR_WIDTHS, geometry, row_width, tile_problem
@@ -71,6 +72,11 @@ class Grid:
     @property
     def tiles(self):
         return -(-self.positions // self.tile)
+
+    @property
+    def tap_offsets(self):
+        """Each tap's offset from a position, per kh * KW + kw."""
+        return tuple(r + c for r in self.tap_rows for c in self.tap_cols)
 
     @property
     def channel_stride(self):
@@ -157,6 +163,13 @@ def input_planes(problem):
                   problem.pad[2], problem.stride, problem.padding_mode)
 
 
+def output_planes(problem, pad_top=0, pad_left=0):
+    """The output's gradient dy as the gradients' GEMMs stage it: shifted by (pad_top,
+    pad_left) zero rows and columns."""
+    return Planes(problem.out_channels, problem.out_height, problem.out_width, pad_top,
+                  pad_left)
+
+
 def staging_launcher(problem, queue, layout, main, planes=None, operand=0):
     """run(): stage inputs[operand] (planes: default the input) onto layout's grid (when
     staged), then main on it in its place."""
@@ -228,9 +241,8 @@ def register_tile_problem(problem, info, config, channels="tk", of="cout"):
     channels (of="cin")."""
     if config["tv"] not in TV_VALUES:
         return f"tv must be one of {TV_VALUES}"
-    most = problem.cout_per_group if of == "cout" else problem.cin_per_group
     what = "output" if of == "cout" else "input"
-    reason = (tile_problem(problem, info, config, channels, most,
+    reason = (tile_problem(problem, info, config, channels, channels_per_group(problem, of),
                            f"the {what} channels per group")
               or work_group_problem((config["lx"], config["ly"], 1), info))
     if reason or not info.is_cpu:
@@ -255,7 +267,7 @@ def tile_registers(problem, caps, tk, tv, tw):
 def register_tile_default(problem, info, positions, most_ly, channels="tk", of="cout"):
     """The heuristic register tile and work-group of a GEMM over positions, with up to
     most_ly channel blocks per work-group on a CPU (channels, of: as register_tile_problem)."""
-    per_group = problem.cout_per_group if of == "cout" else problem.cin_per_group
+    per_group = channels_per_group(problem, of)
     if info.is_cpu:
         # The hardware vector, two of them up to 16 positions (one when two would pad the
         # positions by 10% more: 512@7's 61 positions in 4 tiles of 16 ran 1.3x faster than

@@ -22,9 +22,9 @@ from ..problem import INT32_LIMIT
 from .base import (Algorithm, Buffer, build_step, channel_blocks, fitting_work_group,
                    index_type, operation_args, with_scratch)
 from .direct import UNROLL_KW, geometry
-from .implicit_gemm import (TV_VALUES, Grid, Planes, grid_problem, register_tile_default,
-                            register_tile_params, register_tile_problem, staging_launcher,
-                            tile_registers)
+from .implicit_gemm import (TV_VALUES, Grid, grid_problem, output_planes,
+                            register_tile_default, register_tile_params, register_tile_problem,
+                            staging_launcher, tile_registers)
 
 # Products per input position (output channels per group x a phase's taps) below which the
 # heuristic gives a work-item more positions.
@@ -37,7 +37,6 @@ class Phase:
     `rows` x `cols` of them, at grid positions u * grid cols + v. row_taps, col_taps: the
     (kernel row, grid offset) and (kernel column, grid offset) of the taps that reach them,
     each an arithmetic progression (so the kernel loops over them without tables)."""
-    index: int
     a: int
     b: int
     rows: int
@@ -125,7 +124,7 @@ def phase_grid(problem, tile, idx_t=None) -> PhaseGrid:
     for a, n_rows, r_taps in along_rows:
         for b, n_cols, c_taps in along_cols:
             first = phases[-1].first_tile + phases[-1].tiles if phases else 0
-            phases.append(Phase(len(phases), a, b, n_rows, n_cols,
+            phases.append(Phase(a, b, n_rows, n_cols,
                                 tuple((i, (o + lead[0]) * cols) for i, o in r_taps),
                                 tuple((j, o + lead[1]) for j, o in c_taps),
                                 (n_rows - 1) * cols + n_cols, tile, first))
@@ -139,12 +138,6 @@ def phase_grid(problem, tile, idx_t=None) -> PhaseGrid:
     idx_t = idx_t or ("long" if elements > INT32_LIMIT else index_type(padded(problem)))
     dy_grid = Grid(not unstaged, (1, 1), rows, rows, cols, 0, 0, (), (), tile, idx_t)
     return PhaseGrid(dy_grid, lead, tuple(phases))
-
-
-def dy_planes(problem, layout):
-    """dy as the staging pass reads it onto the phases' grid."""
-    return Planes(problem.out_channels, problem.out_height, problem.out_width,
-                  layout.lead[0], layout.lead[1])
 
 
 class InputGradGemm(Algorithm):
@@ -204,7 +197,7 @@ class InputGradGemm(Algorithm):
         layout = constants["layout"]
         main = staging_launcher(problem, queue, layout.grid,
                                 super().launcher(problem, queue, config, strict, constants),
-                                dy_planes(problem, layout))
+                                output_planes(problem, *layout.lead))
         return fold_launcher(problem, queue, constants, main)
 
 

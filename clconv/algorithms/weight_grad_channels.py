@@ -18,8 +18,8 @@ from .. import programs
 from ..capabilities import of_info
 from ..limits import allocation_problem
 from ..problem import INT32_LIMIT
-from .base import (BATCH, Algorithm, Blocks, Buffer, Param, build_step, even_split,
-                   fitting_work_group, round_up, scratch_buffer)
+from .base import (BATCH, Algorithm, Blocks, Buffer, Param, acc_itemsize, build_step,
+                   channel_blocks, even_split, fitting_work_group, round_up, scratch_buffer)
 from .direct import VECTOR_WIDTHS, geometry, gradient_row_lanes, row_width
 from .implicit_gemm import (MAX_TILE_CHANNELS, Grid, grid, grid_problem, staging_launcher,
                             tile_registers)
@@ -43,13 +43,12 @@ class ChannelLayout:
 
 def channel_layout(problem, tile, idx_t=None) -> ChannelLayout:
     layout = grid(problem, 1, idx_t)
-    offsets = tuple(r + c for r in layout.tap_rows for c in layout.tap_cols)
     positions = problem.out_height * problem.out_width
     padded = round_up(problem.cout_per_group, tile)
     largest = max(layout.elements(problem.batch, problem.in_channels),
                   problem.batch * problem.groups * positions * padded)
     idx_t = idx_t or ("long" if largest > INT32_LIMIT else layout.idx_t)
-    return ChannelLayout(layout, offsets, positions, padded, idx_t)
+    return ChannelLayout(layout, layout.tap_offsets, positions, padded, idx_t)
 
 
 class WeightGradChannels(Algorithm):
@@ -80,7 +79,7 @@ class WeightGradChannels(Algorithm):
         if reason:
             return reason
         layout = channel_layout(problem, tv * tw)
-        nbytes = layout.dyt_elements(problem.batch, problem.groups) * acc_size(problem)
+        nbytes = layout.dyt_elements(problem.batch, problem.groups) * acc_itemsize(problem.dtype)
         return (grid_problem("staged input", layout.grid, problem, problem.in_channels, info)
                 or allocation_problem("transposed grad_output", nbytes, info))
 
@@ -102,11 +101,12 @@ class WeightGradChannels(Algorithm):
         else:
             tw, tv, tn = row_width(problem, info, 4), 1, even_split(n, min(n, 4))
             local = fitting_work_group((16, 1), info)
-        blocks = Blocks(problem.cout_per_group, tv * tw).count * problem.groups
+        blocks = channel_blocks(problem, tv * tw)[1]
         layout = channel_layout(problem, tv * tw)
         operand_bytes = (layout.grid.elements(problem.batch, problem.in_channels)
                          * problem.numpy_dtype.itemsize
-                         + layout.dyt_elements(problem.batch, problem.groups) * acc_size(problem))
+                         + layout.dyt_elements(problem.batch, problem.groups)
+                         * acc_itemsize(problem.dtype))
         splits = want_splits(problem, info, Blocks(n, tn).count * blocks, operand_bytes)
         return {"tv": tv, "tw": tw, "tn": tn, "splits": splits, "lx": local[0],
                 "ly": local[1]}
@@ -119,7 +119,7 @@ class WeightGradChannels(Algorithm):
                     tv=config["tv"], tw=config["tw"], tn=config["tn"],
                     splits=config["splits"],
                     out_t=acc_t if config["splits"] > 1 else storage_t,
-                    channel_blocks=Blocks(problem.cout_per_group, tile),
+                    channel_blocks=channel_blocks(problem, tile)[0],
                     column_blocks=Blocks(columns(problem), config["tn"]))
 
     def main_args(self, problem, constants):
@@ -129,7 +129,7 @@ class WeightGradChannels(Algorithm):
     def ranges(self, problem, config):
         tile = config["tv"] * config["tw"]
         items = (Blocks(columns(problem), config["tn"]).count,
-                 Blocks(problem.cout_per_group, tile).count * problem.groups,
+                 channel_blocks(problem, tile)[1],
                  config["splits"])
         return items, (config["lx"], config["ly"], 1)
 
@@ -141,7 +141,7 @@ class WeightGradChannels(Algorithm):
                                dict(constants, entry="transpose_dy"),
                                (Buffer("dy"), Buffer("dyt", "acc_t", const=False), BATCH),
                                lambda batch: (layout.positions, batch * problem.groups))
-        itemsize = acc_size(problem)
+        itemsize = acc_itemsize(problem.dtype)
 
         def run(queue, inputs, output, batch, wait_for):
             dyt = scratch_buffer(queue, layout.dyt_elements(batch, problem.groups), itemsize)
@@ -149,7 +149,3 @@ class WeightGradChannels(Algorithm):
             return [first] + main(queue, [inputs[0], (dyt, 0)], output, batch, [first])
         staged = staging_launcher(problem, queue, layout.grid, run)
         return splits_launcher(problem, queue, config["splits"], staged)
-
-
-def acc_size(problem):
-    return programs.acc_itemsize(problem.dtype)

@@ -22,7 +22,7 @@ from .base import (Algorithm, Blocks, Buffer, Param, acc_itemsize, build_step, c
                    work_group_problem)
 from .direct import (VECTOR_WIDTHS, geometry, gradient_row_lanes, row_width,
                      vector_width_problem)
-from .implicit_gemm import (MAX_TILE_CHANNELS, Grid, Planes, grid, grid_problem,
+from .implicit_gemm import (MAX_TILE_CHANNELS, Grid, grid, grid_problem, output_planes,
                             staging_launcher, tile_registers)
 
 TILE_VALUES = tuple(range(1, 17))
@@ -64,17 +64,12 @@ def row_layout(problem, tw, idx_t=None) -> RowLayout:
     tile = (h_out - 1) * plain.cols + vectors * tw
     over = tile + plain.reach > plain.plane
     layout = grid(problem, tile, idx_t, force_staged=bool(rem) and over)
-    offsets = tuple(r + c for r in layout.tap_rows for c in layout.tap_cols)
     pitch = vectors * tw
     largest = max(layout.elements(problem.batch, problem.in_channels),
                   problem.batch * problem.out_channels * h_out * pitch)
     idx_t = idx_t or ("long" if largest > INT32_LIMIT else layout.idx_t)
     dy_grid = Grid(bool(rem), (1, 1), h_out, h_out, pitch, 0, 0, (), (), tw, idx_t)
-    return RowLayout(layout, dy_grid, offsets, full, rem, idx_t)
-
-
-def dy_planes(problem):
-    return Planes(problem.out_channels, problem.out_height, problem.out_width)
+    return RowLayout(layout, dy_grid, layout.tap_offsets, full, rem, idx_t)
 
 
 def columns(problem):
@@ -204,7 +199,7 @@ class WeightGradGemm(Algorithm):
         layout = constants["layout"]
         staged = staging_launcher(problem, queue, layout.grid,
                                   staging_launcher(problem, queue, layout.dy_grid, main,
-                                                   dy_planes(problem), operand=1))
+                                                   output_planes(problem), operand=1))
         return splits_launcher(problem, queue, config["splits"], staged)
 
 
@@ -213,8 +208,7 @@ def splits_launcher(problem, queue, splits, main):
     scratch) and sum_splits adds them up in a fixed order."""
     if splits == 1:
         return main
-    count = problem.out_channels * problem.cin_per_group * (problem.kernel_size[0]
-                                                             * problem.kernel_size[1])
+    count = problem.out_channels * columns(problem)
     total = build_step(queue, "sum_splits.cl.mako", "sum_splits",
                        dict(dtype=problem.dtype, idx_t=index_type(problem), count=count,
                             splits=splits), SUM_SPLITS_ARGS, lambda batch: (count,))

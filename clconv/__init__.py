@@ -2,7 +2,7 @@
 from .version import __version__
 from .autotune import tune
 from .capabilities import device_info
-from .device import NoDeviceError, choose_device, queue_for
+from .device import ForkedProcessError, NoDeviceError, choose_device, queue_for
 from .functional import conv2d
 from .gradients import conv2d_bias_grad, conv2d_input_grad, conv2d_weight_grad
 from .module import Conv2d
@@ -14,5 +14,6 @@ from .store import TuningCacheWarning
 
 __all__ = ["Conv2d", "conv2d", "conv2d_input_grad", "conv2d_weight_grad", "conv2d_bias_grad",
            "Problem", "tune", "set_tune_mode", "use_algorithm", "allow_winograd",
-           "set_allow_winograd", "winograd_allowed", "NoDeviceError", "BuildError",
+           "set_allow_winograd", "winograd_allowed", "NoDeviceError", "ForkedProcessError",
+           "BuildError",
            "TuningCacheWarning", "choose_device", "device_info", "queue_for", "__version__"]

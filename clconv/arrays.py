@@ -19,15 +19,29 @@ def is_device_array(a):
     return isinstance(a, cl_array.Array)
 
 
+ARRAY_PROTOCOLS = ("__array__", "__array_interface__", "__array_struct__")
+
+
 def as_host_array(a, name):
-    """A NumPy view of a host operand (lists, torch CPU tensors via __array__ ...)."""
+    """A NumPy view of a host operand: a NumPy array or an object that exports one (a CPU
+    torch.Tensor ...). Anything else (None, numbers, strings, lists) is a TypeError, as torch
+    refuses a non-Tensor."""
     if isinstance(a, np.ndarray):
         return a
+    if not any(hasattr(a, p) for p in ARRAY_PROTOCOLS):
+        raise TypeError(f"{name} must be an array (a NumPy array, a pyopencl.array.Array or "
+                        f"an object with __array__ such as a CPU torch.Tensor), got "
+                        f"{type(a).__name__} {_short_repr(a)}")
     try:
         return np.asarray(a)
     except Exception as err:
-        raise TypeError(f"{name} must be a NumPy array or a pyopencl.array.Array, "
-                        f"got {type(a).__name__}") from err
+        raise TypeError(f"{name}: a {type(a).__name__} that does not convert to a NumPy "
+                        f"array ({err})") from err
+
+
+def _short_repr(a):
+    text = repr(a)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def empty(queue, shape, dtype):

@@ -20,6 +20,36 @@ class NoDeviceError(RuntimeError):
     """No OpenCL device matches (or none is installed)."""
 
 
+FORK_HELP = ("clconv: this process was forked from one that had already used OpenCL, and "
+             "OpenCL state (the driver's threads, contexts, queues, buffers) does not survive "
+             "fork: a call here would hang. Start worker processes with the 'spawn' or "
+             "'forkserver' method (multiprocessing.set_start_method('spawn'); for a torch "
+             "DataLoader, multiprocessing_context='spawn'), or use clconv only in the parent.")
+
+
+class ForkedProcessError(RuntimeError):
+    """clconv was called in a child forked after its parent had used OpenCL."""
+
+
+# Whether this process has touched OpenCL, and whether it inherited that state through fork.
+_fork_state = {"used": False, "inherited": False}
+
+
+def _after_fork_in_child():
+    _fork_state["inherited"] = _fork_state["inherited"] or _fork_state["used"]
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def check_not_forked():
+    """Raise ForkedProcessError where OpenCL state came through fork (see FORK_HELP), so a
+    call fails at once instead of hanging in the driver."""
+    if _fork_state["inherited"]:
+        raise ForkedProcessError(FORK_HELP)
+    _fork_state["used"] = True
+
+
 @dataclass(frozen=True)
 class DeviceInfo:
     """The limits and features of one device that kernels are specialised and checked on."""
@@ -73,6 +103,7 @@ def _info_cached(device):
 
 def all_devices():
     """[(platform, device)] for every device of every platform."""
+    check_not_forked()
     try:
         platforms = cl.get_platforms()
     except cl.Error:
@@ -114,6 +145,7 @@ _queues = {}
 
 def queue_for(device=None, queue=None):
     """A profiling-enabled command queue for the chosen device; one shared queue per device."""
+    check_not_forked()
     if queue is not None:
         if not isinstance(queue, cl.CommandQueue):
             raise TypeError(f"queue must be a pyopencl.CommandQueue, got {type(queue).__name__}")

@@ -67,7 +67,7 @@ def _resolve_queue(queue, *operands):
         return queue_for(queue=queue)
     for a in operands:
         if arrays.is_device_array(a) and a.queue is not None:
-            return a.queue
+            return queue_for(queue=a.queue)
     return queue_for()
 
 

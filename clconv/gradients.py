@@ -74,9 +74,10 @@ def _bias_launch(queue, batch, channels, plane, dtype):
     constants = bias_grad.constants(device_info(queue.device), batch, channels, plane, dtype)
     table = _bias_launches.table(queue.context)
     key = (queue.device, freeze(constants))
-    if key not in table:
-        table[key] = bias_grad.launcher(queue, constants)
-    return table[key]
+    launch = table.get(key)
+    if launch is None:
+        launch = table[key] = bias_grad.launcher(queue, constants)
+    return launch
 
 
 def _shape(value, name):

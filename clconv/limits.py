@@ -4,6 +4,7 @@ never wrap."""
 from __future__ import annotations
 
 import math
+import os
 
 from .device import queried_info
 from .problem import INT32_LIMIT
@@ -27,8 +28,14 @@ def _size(nbytes):
     return f"{nbytes / 2**20:.0f} MiB" if nbytes >= 2**20 else f"{nbytes} bytes"
 
 
+# Below this many bytes a call's host memory is not worth reading /proc/meminfo for.
+HOST_CHECK_BYTES = 256 * 2**20
+
+
 def check_device_limits(problem, device):
-    """Reject what the device cannot hold or compute, with the reason, before any work."""
+    """Reject what the device cannot hold or compute, with the reason, before any work.
+    On a CPU device, whose memory is the host's, the result's host copy comes on top of the
+    device's buffers: that sum must fit the host memory free now."""
     info = queried_info(device)
     check_fp64(problem.dtype, info)
     itemsize = problem.numpy_dtype.itemsize
@@ -44,5 +51,28 @@ def check_device_limits(problem, device):
     if total > info.global_mem_size:
         raise ValueError(f"input, weight and output together ({_size(total)}) exceed "
                          f"{info.name}'s memory ({_size(info.global_mem_size)})")
+    # the device's copies of the operands, its output and the output's host copy
+    needed = total + math.prod(problem.output_shape) * itemsize
+    if info.is_cpu and needed > HOST_CHECK_BYTES:
+        free = host_memory_available()
+        if free is not None and needed > free:
+            raise ValueError(f"the device's copies of input, weight and output and the "
+                             f"output's host copy ({_size(needed)}) exceed the host memory "
+                             f"free now ({_size(free)}) on {info.name}; split the batch")
     if problem.batch * problem.out_height > INT32_LIMIT:
         raise ValueError("batch * output height exceeds 2**31 - 1; split the batch")
+
+
+def host_memory_available():
+    """Bytes of host memory available now (Linux's MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None

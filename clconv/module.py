@@ -7,7 +7,7 @@ from collections import namedtuple
 import numpy as np
 
 from . import arrays
-from .device import queue_for
+from .device import check_not_forked, queue_for
 from .functional import _operand, _resolve_queue, check_call, run
 from .limits import check_device_limits
 from .problem import check_channels, dtype_name, make_problem, normalise_geometry
@@ -50,6 +50,7 @@ class Conv2d:
     @property
     def queue(self):
         """The module's command queue (chosen on first use)."""
+        check_not_forked()
         if self._queue is None:
             self._queue = queue_for(self._device)
         return self._queue

@@ -15,6 +15,10 @@ at the next call.
   few times larger, still far within float32's bounds for ordinary data), and an inf or NaN
   in the input spreads to every output of the 2x2 tiles whose 4x4 input patch holds it
   (torch: only the outputs whose 3x3 window does).
+- The size of the per-context memo tables (CLCONV_MEMO_SIZE, default 512): built programs,
+  built launches and plans are each kept for the most recently used that many (a built
+  program holds about 1 MiB of the driver's memory on PoCL), so a process that meets ever
+  new shapes stays bounded; an evicted one is rebuilt from pyopencl's disk cache if met again.
 - The forced algorithms of planner.use_algorithm (no environment variable): per operation,
   an (algorithm name, parameters) pair that every plan of that operation uses.
 """
@@ -25,6 +29,7 @@ from contextlib import contextmanager
 
 TUNING_MODES = ("off", "cached", "on")
 DEFAULT_BUDGET = 20.0       # seconds per problem
+DEFAULT_MEMO_SIZE = 512     # entries per memo table and context
 
 _settings = {"tuning_mode": None, "allow_winograd": None}   # None: follow the environment
 _forced: dict = {}          # operation -> (algorithm name, {param: value})
@@ -84,6 +89,16 @@ def check_budget(budget):
     if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0:
         raise ValueError(f"budget must be a positive number of seconds, got {budget!r}")
     return float(budget)
+
+
+def memo_size():
+    """CLCONV_MEMO_SIZE (a positive integer), else DEFAULT_MEMO_SIZE."""
+    text = os.environ.get("CLCONV_MEMO_SIZE")
+    if not text:
+        return DEFAULT_MEMO_SIZE
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"CLCONV_MEMO_SIZE must be a positive integer, got {text!r}")
+    return int(text)
 
 
 # --- Winograd --------------------------------------------------------------------------------

@@ -42,7 +42,16 @@ def check_at_least(pair, name, minimum):
     if min(pair) < minimum:
         rule = "positive" if minimum == 1 else f">= {minimum}"
         raise ValueError(f"{name} must be {rule} in each dimension, got {pair}")
-    return pair
+    return check_size(pair, name)
+
+
+def check_size(sizes, name):
+    """sizes (a shape, or a pair of a geometry argument) if each fits the 32-bit integers
+    that kernels and NDRanges are computed in: a larger one could only wrap."""
+    if max(sizes, default=0) > INT32_LIMIT:
+        raise ValueError(f"{name} must be at most 2**31 - 1 in each dimension, got "
+                         f"{tuple(sizes)}")
+    return sizes
 
 
 def normalise_geometry(kernel_size, stride, padding, dilation, groups, padding_mode):
@@ -187,6 +196,7 @@ def make_problem(input_shape, input_dtype, weight_shape, weight_dtype, bias_shap
     if len(input_shape) not in (3, 4):
         raise ValueError("input must be 3-D (C, H, W) unbatched or 4-D (N, C, H, W) batched, "
                          f"got shape {input_shape}")
+    check_size(input_shape, "input shape")
     unbatched = len(input_shape) == 3
     n, c, h, w = (1,) + input_shape if unbatched else input_shape
     if min(c, h, w) < 1:
@@ -203,6 +213,7 @@ def make_problem(input_shape, input_dtype, weight_shape, weight_dtype, bias_shap
     if min(weight_shape) < 1:
         raise ValueError(f"weight must have non-zero sizes (out_channels, in_channels/groups, "
                          f"kH, kW), got shape {weight_shape}")
+    check_size(weight_shape, "weight shape")
     kernel_size = weight_shape[2:]
     kernel_size, stride, padding, dilation, groups, padding_mode = normalise_geometry(
         kernel_size, stride, padding, dilation, groups, padding_mode)
@@ -243,6 +254,8 @@ def _check_padded_size(p):
                                  f"more than once")
     padded = (p.height + pt + pb, p.width + pl + pr)
     extent = (dh * (kh - 1) + 1, dw * (kw - 1) + 1)
+    check_size(extent, "the dilated kernel (dilation * (kernel_size - 1) + 1)")
+    check_size(padded, "the padded input")
     if padded[0] < extent[0] or padded[1] < extent[1]:
         raise ValueError(f"output size would be < 1: padded input size {padded} is smaller than "
                          f"the dilated kernel size {extent} (kernel_size={(kh, kw)}, "

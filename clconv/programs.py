@@ -2,7 +2,8 @@
 
 Every specialisation constant is rendered into the source text (never only a -D flag), so a
 program is identified by its source alone. Built programs are memoised per (context, source)
-in tables held weakly by the context (ContextMemo), so dropping a context frees them;
+in tables held weakly by the context and bounded to the most recently used
+(ContextMemo, options.memo_size), so dropping a context frees them;
 pyopencl's on-disk binary cache serves later processes.
 
 Each template has a hash of its own text and of the templates it includes (template_hash):
@@ -19,6 +20,7 @@ import hashlib
 import re
 import warnings
 import weakref
+from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
@@ -28,6 +30,7 @@ import numpy as np
 import pyopencl as cl
 from mako.lookup import TemplateLookup
 
+from . import options
 from .paths import shipped_dir
 
 
@@ -215,17 +218,39 @@ def scalar_dtypes(args, idx_t):
 
 # --- building --------------------------------------------------------------------------------
 
+class LRUTable(OrderedDict):
+    """A memo table that keeps its maxsize most recently used entries; get() and
+    assignment are the whole interface its users need."""
+
+    def __init__(self, maxsize):
+        super().__init__()
+        self.maxsize = maxsize
+
+    def get(self, key, default=None):
+        if key not in self:
+            return default
+        self.move_to_end(key)
+        return self[key]
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        self.move_to_end(key)
+        while len(self) > self.maxsize:
+            self.popitem(last=False)
+
+
 class ContextMemo:
-    """Memo tables per OpenCL context, held weakly by the context: when its last Python
-    object goes, so do the tables (programs, built launches)."""
+    """Memo tables per OpenCL context, held weakly by the context (when its last Python
+    object goes, so do the tables: programs, built launches), each bounded to the
+    options.memo_size() most recently used entries."""
 
     def __init__(self):
         self._tables = weakref.WeakKeyDictionary()
 
-    def table(self, context) -> dict:
+    def table(self, context) -> LRUTable:
         table = self._tables.get(context)
         if table is None:
-            table = self._tables[context] = {}
+            table = self._tables[context] = LRUTable(options.memo_size())
         return table
 
     def clear(self):

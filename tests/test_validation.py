@@ -244,6 +244,12 @@ CONV2D_BAD = {
     "bias_float64": (dict(bias=data((6,), np.float64)), T,
                      r"bias dtype \(float64\) must match input dtype \(float32\)", True),
     "bias_int32": (dict(bias=data((6,), np.int32)), T, r"bias has dtype int32", True),
+    # not arrays at all: TypeErrors that say what was passed, as torch's
+    **{f"{name}_{kind}": (dict({name: value}), T, fr"{name} must be an array .*got {kind}",
+                          True)
+       for name in ("input", "weight") for kind, value in (
+           ("NoneType", None), ("str", "x"), ("float", 1.5), ("list", [[1.0, 2.0]]))},
+    "bias_str": (dict(bias="b"), T, r"bias must be an array .*got str 'b'", True),
 }
 
 
@@ -597,3 +603,48 @@ def test_accepts_integer_like_arguments():
     y = clconv.conv2d(x, w, None, stride=np.int64(2), padding=(np.int32(1), True),
                       dilation=[1, np.uint8(1)], groups=np.int16(1))
     assert_close_to_torch(y, t)
+
+
+# --------------------------------------------------------------------------------------------
+# sizes that would wrap or cannot fit: refused before anything is allocated or enqueued
+# --------------------------------------------------------------------------------------------
+
+HUGE = 2**61
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (dict(padding=(0, HUGE)), r"padding must be at most 2\*\*31 - 1 .*2305843009213693952"),
+    (dict(padding=HUGE), r"padding must be at most 2\*\*31 - 1"),
+    (dict(stride=(1, HUGE)), r"stride must be at most 2\*\*31 - 1"),
+    (dict(dilation=(2**31, 1)), r"dilation must be at most 2\*\*31 - 1"),
+    (dict(input=np.broadcast_to(F32(0), (1, 4, 1, 2**31))), r"input shape must be at most"),
+    (dict(input=np.broadcast_to(F32(0), (2**33, 4, 1, 1))), r"input shape must be at most"),
+    (dict(dilation=(2**30, 1)), r"the dilated kernel .* must be at most 2\*\*31 - 1"),
+    (dict(padding=(2**30, 0), input=np.broadcast_to(F32(0), (1, 4, 2**30, 1))),
+     r"the padded input must be at most 2\*\*31 - 1"),
+], ids=["padding-pair", "padding-int", "stride", "dilation", "width", "batch",
+        "dilated-kernel", "padded-input"])
+def test_sizes_that_would_overflow_are_refused(overrides, match, no_device_work):
+    call = dict(BASE, **overrides)
+    with pytest.raises(ValueError, match=match):
+        clconv.conv2d(**call)
+    with pytest.raises(ValueError, match=match):
+        clconv.conv2d_input_grad(call["input"].shape, W, np.zeros((2, 6, 1, 1), F32),
+                                 *[call[k] for k in ("stride", "padding", "dilation", "groups")])
+
+
+def test_a_problem_bigger_than_the_free_host_memory_is_refused(no_device_work, monkeypatch):
+    # On a CPU device the result's host copy comes on top of the device's buffers.
+    info = clconv.device_info(clconv.queue_for().device)
+    if not info.is_cpu:
+        pytest.skip("the host-memory check applies to CPU devices")
+    monkeypatch.setattr(clconv.limits, "host_memory_available", lambda: 300 * 2**20)
+    x = np.broadcast_to(F32(0), (1, 1, 8192, 8192))          # 256 MiB, no memory used
+    with pytest.raises(ValueError, match=r"\(768 MiB\) exceed the host memory free now "
+                                         r"\(300 MiB\)"):
+        clconv.conv2d(x, np.ones((1, 1, 1, 1), F32))
+
+
+def test_host_memory_available_reads_a_number():
+    free = clconv.limits.host_memory_available()
+    assert free is None or free > 0

@@ -1,0 +1,138 @@
+"""What must never hang, leak or grow without bound: oversized calls, fork, the memo tables.
+
+The hang and fork cases run in a child process with a timeout: a regression fails the
+test instead of stopping the suite.
+"""
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import clconv
+from clconv import planner, programs
+from clconv.programs import LRUTable
+
+from reference import assert_matches
+
+TIMEOUT = 240       # seconds for a child: a build of a few kernels, on a slow shared machine
+
+
+def run_child(source, env=None):
+    """Run source in a fresh interpreter; its stdout, after asserting it exited 0."""
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(source)], capture_output=True,
+                          text=True, timeout=TIMEOUT, env=dict(os.environ, **(env or {})))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_an_overflowing_size_is_refused_and_later_calls_still_run():
+    out = run_child("""
+        import numpy as np, clconv
+        x = np.ones((2, 3, 8, 8), np.float32); w = np.ones((4, 3, 3, 3), np.float32)
+        for padding in ((0, 2**61), (2**40, 0), 2**31):
+            try:
+                clconv.conv2d(x, w, padding=padding)
+            except ValueError as err:
+                assert "padding must be at most 2**31 - 1" in str(err), err
+            else:
+                raise AssertionError(f"padding={padding} was accepted")
+        y = clconv.conv2d(x, w, padding=1)       # the queue still works
+        assert y.shape == (2, 4, 8, 8) and float(y[0, 0, 4, 4]) == 27.0
+        print("ok")
+    """)
+    assert out.strip() == "ok"
+
+
+FORKED = """
+    import multiprocessing, os, sys
+    import numpy as np, clconv
+    x = np.ones((1, 3, 8, 8), np.float32); w = np.ones((4, 3, 3, 3), np.float32)
+
+    def call(_):
+        try:
+            return float(clconv.conv2d(x, w).sum())
+        except clconv.ForkedProcessError as err:
+            return str(err)
+
+    def main(when):
+        if when == "before":     # forked before any OpenCL use: the child may use it
+            pid = os.fork()
+            if pid == 0:
+                os._exit(0 if call(0) == 3888.0 else 3)
+            _, status = os.waitpid(pid, 0)
+            print("child", os.waitstatus_to_exitcode(status))
+        print("parent", call(0))
+        if when == "after":      # the parent has used OpenCL: a forked child refuses
+            with multiprocessing.get_context("fork").Pool(1) as pool:
+                print("fork pool", pool.map_async(call, [0]).get(timeout=60)[0])
+            with multiprocessing.get_context("spawn").Pool(1) as pool:
+                print("spawn pool", pool.map_async(call, [0]).get(timeout=200)[0])
+
+    if __name__ == "__main__":   # spawn imports this file again in its workers
+        main(sys.argv[1])
+"""
+
+
+def test_fork_after_use_raises_a_clear_error_instead_of_hanging(tmp_path):
+    script = tmp_path / "forked.py"              # spawn re-imports the main module: a file
+    script.write_text(textwrap.dedent(FORKED))
+    done = subprocess.run([sys.executable, str(script), "after"], capture_output=True,
+                          text=True, timeout=TIMEOUT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = dict(line.split(" ", 1) for line in done.stdout.splitlines())
+    assert lines["parent"] == "3888.0"
+    assert "forked from one that had already used OpenCL" in lines["fork"]
+    assert "'spawn'" in lines["fork"]
+    assert done.stdout.splitlines()[-1] == "spawn pool 3888.0"
+
+
+def test_fork_before_any_use_works(tmp_path):
+    script = tmp_path / "forked.py"
+    script.write_text(textwrap.dedent(FORKED))
+    done = subprocess.run([sys.executable, str(script), "before"], capture_output=True,
+                          text=True, timeout=TIMEOUT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines() == ["child 0", "parent 3888.0"]
+
+
+# --- bounded memo tables ---------------------------------------------------------------------
+
+def test_lru_table_keeps_the_most_recently_used():
+    table = LRUTable(3)
+    for key in "abc":
+        table[key] = key.upper()
+    assert table.get("a") == "A"                 # a is now the most recent
+    table["d"] = "D"
+    assert list(table) == ["c", "a", "d"] and table.get("b") is None
+    table["c"] = "C2"                            # replacing refreshes too
+    table["e"] = "E"
+    assert list(table) == ["d", "c", "e"]
+
+
+def test_memo_tables_stay_bounded_over_many_shapes(queue, monkeypatch):
+    monkeypatch.setenv("CLCONV_MEMO_SIZE", "3")
+    planner.forget()
+    programs._programs.clear()
+    try:
+        w = np.random.default_rng(0).standard_normal((4, 2, 3, 3)).astype(np.float32)
+        for height in range(5, 13):
+            x = np.random.default_rng(height).standard_normal((1, 2, height, 7))
+            x = x.astype(np.float32)
+            y = clconv.conv2d(x, w, padding=1, queue=queue)
+            assert_matches(y, x, w, None, padding=1)
+        for memo in (planner._plans, planner._launches, programs._programs):
+            assert 0 < len(memo.table(queue.context)) <= 3
+    finally:
+        monkeypatch.delenv("CLCONV_MEMO_SIZE")
+        planner.forget()
+        programs._programs.clear()
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "many", "2.5"])
+def test_memo_size_setting_is_checked(monkeypatch, value):
+    monkeypatch.setenv("CLCONV_MEMO_SIZE", value)
+    with pytest.raises(ValueError, match="CLCONV_MEMO_SIZE must be a positive integer"):
+        clconv.options.memo_size()

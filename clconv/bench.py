@@ -30,7 +30,7 @@ from .capabilities import device_info
 from .functional import conv2d
 from .limits import check_device_limits
 from .reference import TOLERANCE, Check, test_case
-from .suites import describe, geomean, layer_problem, load_suite
+from .suites import describe, geomean, layer_problem, select_layers
 
 OPERATIONS = ("forward", "input_grad", "weight_grad")
 
@@ -236,7 +236,9 @@ def summary_line(s):
 
 def main(queue, suite=None, only=None, batch=None, repeats=10, with_torch=True, out=sys.stdout,
          backward=False, json_path=None):
-    layers = [l for l in load_suite(suite) if not only or only in l["name"]]
+    if type(repeats) is not int or repeats < 1:
+        raise ValueError(f"repeats must be a positive integer, got {repeats!r}")
+    layers = select_layers(suite, only)
     torch_version = None
     if with_torch:
         try:

@@ -6,11 +6,22 @@ import sys
 
 from . import algorithms, capabilities, options, programs, store
 from .capabilities import device_info
-from .device import NoDeviceError, all_devices, choose_device, queue_for
+from .device import ForkedProcessError, NoDeviceError, all_devices, choose_device, queue_for
 
 
 SUITE_HELP = ("a suite name (standard, resnet50, mobilenet_v2, vgg16) or a suite JSON file "
               "(default: standard)")
+
+
+def positive_int(text):
+    """An argparse type: a positive integer (argparse names the option in its error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
 
 
 def _size(nbytes):
@@ -78,8 +89,6 @@ def cmd_bench(args):
 def cmd_tune(args):
     from . import tune_suite
     budget = options.check_budget(args.budget)
-    if args.batch is not None and args.batch < 1:
-        raise ValueError(f"--batch must be positive, got {args.batch}")
     _, ok = tune_suite.main(queue_for(args.device), suite=args.suite, only=args.only,
                        batch=args.batch, budget=budget, retune=args.retune, export=args.export,
                        backward=args.backward)
@@ -97,8 +106,8 @@ def main(argv=None):
     bench.add_argument("--device", help="device name substring")
     bench.add_argument("--suite", help=SUITE_HELP)
     bench.add_argument("--only", help="only layers whose name contains this")
-    bench.add_argument("--batch", type=int, help="override every layer's batch size")
-    bench.add_argument("--repeats", type=int, default=10, help="timed runs per layer")
+    bench.add_argument("--batch", type=positive_int, help="override every layer's batch size")
+    bench.add_argument("--repeats", type=positive_int, default=10, help="timed runs per layer")
     bench.add_argument("--no-torch", action="store_true", help="skip the torch comparison")
     bench.add_argument("--backward", action="store_true",
                        help="also the input and weight gradients (torch: torch.nn.grad)")
@@ -111,7 +120,7 @@ def main(argv=None):
     tune.add_argument("--device", help="device name substring")
     tune.add_argument("--suite", help=SUITE_HELP)
     tune.add_argument("--only", help="only layers whose name contains this")
-    tune.add_argument("--batch", type=int, help="override every layer's batch size")
+    tune.add_argument("--batch", type=positive_int, help="override every layer's batch size")
     tune.add_argument("--budget", type=float, help="seconds per layer (default: "
                       f"CLCONV_TUNE_BUDGET, else {options.DEFAULT_BUDGET:g})")
     tune.add_argument("--backward", action="store_true",
@@ -127,7 +136,7 @@ def main(argv=None):
         options.set_allow_winograd(True)
     try:
         return args.func(args)
-    except (NoDeviceError, ValueError) as err:
+    except (NoDeviceError, ForkedProcessError, ValueError, store.CacheWriteError) as err:
         print(f"clconv: {err}", file=sys.stderr)
         return 2
 

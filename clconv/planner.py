@@ -19,7 +19,7 @@ import pyopencl as cl
 from . import algorithms, options, search, store
 from .algorithms.base import freeze
 from .capabilities import device_info
-from .programs import BuildError, ContextMemo
+from .programs import ContextMemo
 
 _plans = ContextMemo()
 _launches = ContextMemo()
@@ -52,16 +52,46 @@ def _make(problem, queue, operation, epilogue):
         except OSError as err:      # the cache could not be written: run untuned, say why
             warnings.warn(f"clconv: could not record a tuning result ({err})",
                           store.TuningCacheWarning)
-    tuned = store.tuned_choice(problem, info, operation)
-    if tuned is not None:
-        algorithm, config, source = tuned
-        try:
-            return _build(algorithm, problem, queue, config, epilogue)
-        except (BuildError, ValueError, cl.Error) as err:
-            warnings.warn(f"clconv: the tuned {algorithm.name} {config} from the {source} "
-                          f"failed here ({err}); using the heuristic", store.TuningCacheWarning)
     algorithm, config = algorithms.choose(problem, info, operation)
-    return _build(algorithm, problem, queue, config, epilogue)
+    heuristic = lambda: _build(algorithm, problem, queue, config, epilogue)  # noqa: E731
+    tuned = store.tuned_choice(problem, info, operation)
+    if tuned is None:
+        return heuristic()
+    tuned_algorithm, tuned_config, path = tuned
+    what = (f"the tuned {tuned_algorithm.name} {tuned_config} for "
+            f"{store.signature(problem, operation=operation)} from {path}")
+    try:
+        launch = _build(tuned_algorithm, problem, queue, tuned_config, epilogue)
+    except Exception as err:    # a cache is input from disk: any failure falls back
+        _fallback_warning(what, "failed to build", err)
+        return heuristic()
+    return _falling_back(launch, heuristic, what)
+
+
+def _fallback_warning(what, how, err):
+    text = str(err).strip().splitlines()
+    warnings.warn(f"clconv: {what} {how} here ({type(err).__name__}: "
+                  f"{text[0][:200] if text else ''}); using the heuristic instead",
+                  store.TuningCacheWarning, stacklevel=5)
+
+
+def _falling_back(tuned, heuristic, what):
+    """tuned, until it fails to enqueue (an OpenCL error at launch): from then on, with one
+    warning, the heuristic's launch (made by heuristic())."""
+    current = [tuned]
+
+    def run(queue, inputs, output, batch, wait_for):
+        try:
+            return current[0](queue, inputs, output, batch, wait_for)
+        except cl.Error as err:
+            if current[0] is not tuned:
+                raise
+            _fallback_warning(what, "failed to launch", err)
+            current[0] = heuristic()
+            launch.algorithm, launch.config = current[0].algorithm, current[0].config
+            return current[0](queue, inputs, output, batch, wait_for)
+    launch = algorithms.Launch(run, tuned.algorithm, tuned.config)
+    return launch
 
 
 def _build(algorithm, problem, queue, config, epilogue):

@@ -23,10 +23,12 @@ constraints) before it is used.
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import re
+import tempfile
 import warnings
 from functools import lru_cache
 from pathlib import Path
@@ -46,6 +48,38 @@ VERSION = 2         # 2: sources per entry (1 had one hash of all templates per 
 
 class TuningCacheWarning(UserWarning):
     """A tuning cache or database file, or an entry of one, is unusable and being ignored."""
+
+
+class CacheWriteError(OSError):
+    """The tuning cache cannot be written (the message says which file and why)."""
+
+
+def _write_error(path, err):
+    return CacheWriteError(f"cannot write the tuning cache {path}: {err.strerror or err}; "
+                           "set CLCONV_CACHE_DIR to a writable directory")
+
+
+def check_writable(info):
+    """Raise CacheWriteError unless this device's cache file can be written: before minutes
+    of tuning, not after."""
+    path = cache_path(info)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_dir():
+            raise IsADirectoryError(errno.EISDIR, "a directory is in the file's place")
+        _check_lock(path)
+        fd, probe = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".probe")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise _write_error(path, err) from err
+
+
+def _check_lock(path):
+    """The lock file is created, never followed: a symlink there is refused (filelock opens
+    it with O_NOFOLLOW as well)."""
+    if os.path.islink(f"{path}.lock"):
+        raise OSError(errno.ELOOP, f"{path}.lock is a symbolic link; remove it")
 
 
 def signature(problem, batch=True, operation="forward"):
@@ -118,7 +152,9 @@ def _read_json(path):
 
 
 def _valid_entries(data, path, fmt, expect):
-    """data's entries if it is a well-formed file of format fmt with header fields expect."""
+    """data's well-formed entries if it is a file of format fmt with header fields expect;
+    a malformed entry, or one naming an algorithm this clconv lacks, is passed over with a
+    warning and the others kept."""
     if not isinstance(data, dict) or data.get("format") != fmt or data.get("version") != VERSION:
         _warn_once(path, f"not a {fmt} version {VERSION} file")
         return {}
@@ -127,16 +163,36 @@ def _valid_entries(data, path, fmt, expect):
             _warn_once(path, f"its {field} is {data.get(field)!r}, expected {value!r}")
             return {}
     entries = data.get("entries")
-    if not isinstance(entries, dict) or not all(_is_entry(e) for e in entries.values()):
+    if not isinstance(entries, dict):
         _warn_once(path, "malformed entries")
         return {}
-    return entries
+    kept = {}
+    for sig, e in entries.items():
+        reason = _entry_form_problem(e)
+        if reason:
+            _warn_once(path, f"entry {sig!r}: {reason}")
+        else:
+            kept[sig] = e
+    return kept
 
 
-def _is_entry(e):
-    return (isinstance(e, dict) and isinstance(e.get("algorithm"), str)
-            and isinstance(e.get("config"), dict) and isinstance(e.get("batch"), int)
-            and isinstance(e.get("sources"), (str, type(None))))
+def _entry_form_problem(e):
+    """Why e is not a well-formed entry (or None); its values are checked at use
+    (entry_problem)."""
+    if not isinstance(e, dict):
+        return "not an object"
+    if not isinstance(e.get("algorithm"), str) or not isinstance(e.get("config"), dict):
+        return "needs an algorithm name and a config object"
+    if e["algorithm"] not in algorithms.ALGORITHMS:
+        return f"unknown algorithm {e['algorithm']!r}"
+    if type(e.get("batch")) is not int or e["batch"] < 0:
+        return f"batch must be a non-negative int, got {e.get('batch')!r}"
+    if not isinstance(e.get("sources"), (str, type(None))):
+        return "sources must be a string"
+    ms = e.get("ms", 0.0)
+    if isinstance(ms, bool) or not isinstance(ms, (int, float)) or not ms >= 0:
+        return f"ms must be a non-negative number, got {ms!r}"
+    return None
 
 
 def _cache_header(info):
@@ -178,18 +234,22 @@ def record(info, new_entries, replace=False):
     For a signature already present the faster entry stays, unless replace is set (or the
     present one is out of date)."""
     path = cache_path(info)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(f"{path}.lock"):
-        entries = dict(_valid_entries(_read_json(path), path, CACHE_FORMAT, _cache_header(info))
-                       if path.exists() else {})
-        for sig, entry in new_entries.items():
-            entry, old = _stamped(entry), entries.get(sig)
-            if (replace or old is None or not is_current(old)
-                    or entry.get("ms", math.inf) <= old.get("ms", math.inf)):
-                entries[sig] = entry
-        data = {"format": CACHE_FORMAT, "version": VERSION, "clconv_version": __version__,
-                **_cache_header(info), "entries": dict(sorted(entries.items()))}
-        write_json_atomic(path, data)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _check_lock(path)
+        with FileLock(f"{path}.lock"):
+            entries = dict(_valid_entries(_read_json(path), path, CACHE_FORMAT,
+                                          _cache_header(info)) if path.exists() else {})
+            for sig, entry in new_entries.items():
+                entry, old = _stamped(entry), entries.get(sig)
+                if (replace or old is None or not is_current(old)
+                        or entry.get("ms", math.inf) <= old.get("ms", math.inf)):
+                    entries[sig] = entry
+            data = {"format": CACHE_FORMAT, "version": VERSION, "clconv_version": __version__,
+                    **_cache_header(info), "entries": dict(sorted(entries.items()))}
+            write_json_atomic(path, data)
+    except OSError as err:
+        raise _write_error(path, err) from err
     _memo.pop(str(path), None)
     _generation[0] += 1
     return path
@@ -224,10 +284,10 @@ def _read_database(path):
     return (match, data.get("capabilities"), entries) if entries else None
 
 
-def database_entries(info):
-    """{signature: entry} from every shipped database that matches this device (entries
-    whose sources are out of date included: tuned_choice skips them)."""
-    found = {}
+def matching_databases(info):
+    """[(path, entries)] of every shipped database that matches this device, in name order
+    (entries whose sources are out of date included: tuned_choice skips them)."""
+    found = []
     key = device_key(info)
     for path in sorted(databases_dir().glob("*.json")):
         db = _load(path, _read_database)
@@ -237,8 +297,17 @@ def database_entries(info):
         if (capabilities in (None, key["capabilities"])
                 and all(isinstance(key.get(field), str) and re.fullmatch(rx, key[field])
                         for field, rx in match.items())):
-            for sig, entry in entries.items():
-                found.setdefault(sig, entry)
+            found.append((path, entries))
+    return found
+
+
+def database_entries(info):
+    """{signature: entry} from every shipped database that matches this device (the first
+    database, in name order, giving a signature wins)."""
+    found = {}
+    for _, entries in matching_databases(info):
+        for sig, entry in entries.items():
+            found.setdefault(sig, entry)
     return found
 
 
@@ -283,11 +352,12 @@ def entry_problem(algorithm, config, problem, info, operation):
 
 
 def tuned_choice(problem, info, operation="forward"):
-    """(algorithm, config, source) from the cache or a database, or None (mode 'off', or
-    nothing tuned for this problem). An entry that does not fit is ignored with a warning."""
+    """(algorithm, config, file) from the user's cache, else a database, or None (mode
+    'off', or nothing tuned for this problem). An entry that does not fit is ignored with a
+    warning naming its file."""
     if options.tuning_mode() == "off":
         return None
-    for source, entries in (("cache", cache_entries(info)), ("database", database_entries(info))):
+    for path, entries in [(cache_path(info), cache_entries(info))] + matching_databases(info):
         entry = nearest(entries, problem, operation)
         if entry is None:
             continue
@@ -295,10 +365,9 @@ def tuned_choice(problem, info, operation="forward"):
         config = entry["config"]
         reason = entry_problem(algorithm, config, problem, info, operation)
         if reason:
-            where = cache_path(info) if source == "cache" else "a tuning database"
-            _warn_once(where, f"entry for {signature(problem, operation=operation)}: {reason}")
+            _warn_once(path, f"entry for {signature(problem, operation=operation)}: {reason}")
             continue
-        return algorithm, dict(config), source
+        return algorithm, dict(config), path
     return None
 
 

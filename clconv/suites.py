@@ -29,8 +29,25 @@ def load_suite(name=None):
         if not path.is_file():
             raise ValueError(f"suite must be one of {suite_names()} or a JSON file, "
                              f"got {name!r}")
-    with open(path) as f:
-        return json.load(f)["layers"]
+    try:
+        with open(path, encoding="utf-8") as f:
+            layers = json.load(f)["layers"]
+        for layer in layers:
+            layer_problem(layer)        # every layer must describe a valid convolution
+    except (OSError, ValueError, TypeError, KeyError, IndexError) as err:
+        what = f"missing key {err}" if isinstance(err, KeyError) else str(err)
+        raise ValueError(f"suite file {path} is not a clconv layer suite (a JSON object "
+                         f"whose 'layers' list the layers, as tuning/suites/*.json): "
+                         f"{type(err).__name__}: {what}") from None
+    return layers
+
+
+def select_layers(suite=None, only=None):
+    """The layers of a suite whose name contains only (all if None); none is an error."""
+    layers = [l for l in load_suite(suite) if not only or only in l["name"]]
+    if not layers:
+        raise ValueError(f"--only {only!r} matches no layer of the suite {suite or 'standard'}")
+    return layers
 
 
 def layer_problem(layer, batch=None, dtype=np.float32):

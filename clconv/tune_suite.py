@@ -2,17 +2,20 @@
 table (heuristic default vs tuned), and remember the winners (in the store)."""
 from __future__ import annotations
 
+import os
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from tqdm import tqdm
 
 from . import algorithms
 from .capabilities import device_info
 from .search import Tuner
-from .store import cache_entries, cache_path, export_database, is_current, record, signature
-from .suites import describe, geomean, layer_problem, load_suite
+from .store import (CacheWriteError, cache_entries, cache_path, check_writable, entry_problem,
+                    export_database, is_current, record, signature)
+from .suites import describe, geomean, layer_problem, select_layers
 
 
 @dataclass
@@ -71,19 +74,24 @@ def tune_layer(problem, queue, budget, retune, progress, operation="forward"):
     info = device_info(queue.device)
     cached = cache_entries(info).get(signature(problem, operation=operation))
     tuner = Tuner(problem, queue, operation=operation)
+    how = "tuned"
     if cached is not None and is_current(cached) and not retune:
-        default_alg, default_config = algorithms.choose(problem, info, operation)
-        default = tuner.evaluate(default_alg, default_config)
-        mine = tuner.evaluate(algorithms.ALGORITHMS[cached["algorithm"]], cached["config"])
-        return SuiteRow("", describe(problem), default.ms, mine.ms, mine.describe(), 0, 0.0,
-                        "cached" if mine.ok else f"cached entry {mine.status}")
+        algorithm = algorithms.ALGORITHMS[cached["algorithm"]]   # known: cache_entries says
+        reason = entry_problem(algorithm, cached["config"], problem, info, operation)
+        if reason is None:
+            default_alg, default_config = algorithms.choose(problem, info, operation)
+            default = tuner.evaluate(default_alg, default_config)
+            mine = tuner.evaluate(algorithm, cached["config"])
+            return SuiteRow("", describe(problem), default.ms, mine.ms, mine.describe(), 0,
+                            0.0, "cached" if mine.ok else f"cached entry {mine.status}")
+        how, retune = f"tuned again: the cached entry was invalid, {reason}", True
     result = tuner.run(budget, progress=progress)
     if result.best is None:
         return SuiteRow("", describe(problem), result.default.ms, None, "-",
                         len(result.trials), result.seconds, "failed")
     record(info, {result.signature: result.entry()}, replace=retune)
     return SuiteRow("", describe(problem), result.default.ms, result.best.ms,
-                    result.best.describe(), len(result.trials), result.seconds, "tuned")
+                    result.best.describe(), len(result.trials), result.seconds, how)
 
 
 HEADER = (f"{'layer':<42} {'default ms':>10} {'tuned ms':>9} {'speed-up':>8} {'tried':>5} "
@@ -97,16 +105,28 @@ def format_row(r):
             f"{r.seconds:5.0f}  {r.choice}" + ("" if r.how == "tuned" else f" ({r.how})"))
 
 
+def check_export_path(export):
+    """Raise CacheWriteError unless a database can be written at export (before tuning)."""
+    path = Path(export)
+    if path.is_dir() or not path.parent.is_dir() or not os.access(path.parent, os.W_OK):
+        raise CacheWriteError(f"cannot write the database {path}: "
+                              + ("a directory is in its place" if path.is_dir() else
+                                 f"{path.parent} is not a writable directory"))
+
+
 def _ms(value):
     return "-" if value is None else f"{value:.3f}"
 
 
 def main(queue, suite=None, only=None, batch=None, budget=20.0, retune=False, export=None,
          out=sys.stdout, err=sys.stderr, backward=False):
-    layers = [l for l in load_suite(suite) if not only or only in l["name"]]
+    layers = select_layers(suite, only)
+    info = device_info(queue.device)
+    check_writable(info)
+    if export:
+        check_export_path(export)
     operations = ("forward", "input_grad", "weight_grad") if backward else ("forward",)
     jobs = [(layer, op) for layer in layers for op in operations]
-    info = device_info(queue.device)
     print(f"clconv tune: {info.name} ({info.platform}, driver {info.driver_version}); "
           f"suite {suite or 'standard'}, {len(layers)} layers ({', '.join(operations)}), "
           f"budget {budget:g} s each", file=out, flush=True)

@@ -11,10 +11,11 @@ import textwrap
 import warnings
 
 import numpy as np
+import pyopencl as cl
 import pytest
 
 import clconv
-from clconv import autotune, planner, programs, search
+from clconv import algorithms, autotune, planner, programs, search
 from clconv.algorithms import ALGORITHMS, for_operation
 from clconv.algorithms.direct import Direct
 from clconv import store as cache
@@ -488,14 +489,142 @@ def test_cli_tune_table_cache_export_and_info(cache_dir, tmp_path, info):
     assert len(cache.cache_entries(info)) == 4
 
 
-@pytest.mark.parametrize("args, message", [
-    (("--budget", "-1"), "budget must be a positive"),
-    (("--suite", "no-such-suite"), "suite must be one of"),
-    (("--batch", "0"), "--batch must be positive"),
-])
-def test_cli_tune_rejects_bad_arguments(cache_dir, args, message):
-    done = clconv_cli("tune", *args)
-    assert done.returncode == 2 and message in done.stderr
+@pytest.mark.parametrize("command, args, message", [
+    ("tune", ("--budget", "-1"), "budget must be a positive"),
+    ("tune", ("--suite", "no-such-suite"), "suite must be one of"),
+    ("tune", ("--suite", "/etc/hostname"), "suite file /etc/hostname is not a clconv layer"),
+    ("bench", ("--suite", "/etc/hostname"), "suite file /etc/hostname is not a clconv layer"),
+    ("tune", ("--only", "no-such-layer"), "--only 'no-such-layer' matches no layer"),
+    ("bench", ("--only", "no-such-layer"), "--only 'no-such-layer' matches no layer"),
+] + [(command, (option, value), f"argument {option}: must be a positive integer")
+     for command in ("tune", "bench") for option, value in (("--batch", "0"), ("--batch", "-3"))]
+  + [("bench", ("--repeats", "0"), "argument --repeats: must be a positive integer")])
+def test_cli_rejects_bad_arguments(cache_dir, command, args, message):
+    done = clconv_cli(command, *args)
+    assert done.returncode == 2 and message in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("blocker", ["directory-at-file", "file-as-cache-dir", "missing-root",
+                                     "symlinked-lock"])
+def test_cli_tune_refuses_an_unwritable_cache_before_tuning(cache_dir, tmp_path, info, blocker,
+                                                           monkeypatch):
+    path = cache.cache_path(info)
+    victim = tmp_path / "victim"
+    if blocker == "directory-at-file":
+        path.mkdir(parents=True)
+    elif blocker == "file-as-cache-dir":
+        (tmp_path / "plain-file").write_text("")
+        monkeypatch.setenv("CLCONV_CACHE_DIR", str(tmp_path / "plain-file"))
+    elif blocker == "missing-root":
+        monkeypatch.setenv("CLCONV_CACHE_DIR", "/proc/no-such-dir")
+    else:
+        path.parent.mkdir(parents=True)
+        os.symlink(victim, f"{path}.lock")
+    done = clconv_cli("tune", "--only", "r50_conv1", "--budget", "30")
+    assert done.returncode == 2, done.stderr
+    assert "cannot write the tuning cache" in done.stderr and "Traceback" not in done.stderr
+    assert "[1/1]" not in done.stderr            # refused before any tuning
+    assert not victim.exists()                   # nothing written through the link
+
+
+BAD_CONFIG_VALUES = [0, -1, -2, 2.5, "6", None, 3, True]
+
+
+def bad_entries(p, info):
+    """(id, entry) of crafted cache entries for problem p: every declared parameter of its
+    heuristic algorithm set to each bad value, an unknown algorithm, an algorithm that does
+    not suit, a missing parameter, non-numeric times."""
+    algorithm, config = algorithms.choose(p, info, "forward")
+    cases = [(f"{k}={v!r}", entry(dict(config, **{k: v}), algorithm=algorithm.name))
+             for k in config for v in BAD_CONFIG_VALUES
+             if v not in algorithm.param(k).values or type(v) is not int]
+    cases += [("unknown-algorithm", entry(config, algorithm="nope")),
+              ("missing-parameter", entry(dict(list(config.items())[1:]),
+                                          algorithm=algorithm.name)),
+              ("ms-text", dict(entry(config, algorithm=algorithm.name), ms="fast")),
+              ("batch-text", dict(entry(config, algorithm=algorithm.name), batch="1"))]
+    unsuited = [a for a in algorithms.for_operation("forward")
+                if a.applies(p) and not a.suits(info)]
+    cases += [(f"unsuited-{a.name}", entry(a.default_config(p, info), algorithm=a.name))
+              for a in unsuited]
+    return [(name, dict(e, sources=cache.sources_of(e["algorithm"])
+                        if e["algorithm"] in ALGORITHMS else "0123456789abcdef"))
+            for name, e in cases]
+
+
+def test_bad_cache_entries_fall_back_to_the_heuristic_with_a_warning(cache_dir, queue, info,
+                                                                      rng):
+    p = problem_of()
+    sig = cache.signature(p)
+    heuristic = algorithms.choose(p, info, "forward")
+    cases = bad_entries(p, info)
+    assert len(cases) > 20
+    for name, bad in cases:
+        path = cache.cache_path(info)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = {"format": cache.CACHE_FORMAT, "version": cache.VERSION,
+                "device": cache.device_key(info),
+                "entries": {sig: bad, "other n1": entry(OTHER)}}
+        path.write_text(json.dumps(data))
+        cache._warned.clear()
+        cache._memo.clear()
+        planner.forget()
+        with pytest.warns(clconv.TuningCacheWarning, match=str(path)) as caught:
+            run_and_check(p, queue, rng)
+        assert any(sig in str(w.message) or "'nope'" in str(w.message) for w in caught), name
+        assert planner.chosen(p, queue) == (heuristic[0].name, heuristic[1]), name
+        # the file's other entries are kept, and a later write keeps them
+        assert "other n1" in cache.cache_entries(info), name
+        cache.record(info, {"third n1": entry(OTHER)})
+        assert {"other n1", "third n1"} <= set(cache.cache_entries(info)), name
+
+
+def test_tune_over_a_bad_cached_entry_tunes_again(cache_dir, tmp_path, info):
+    suite = tmp_path / "one.json"
+    suite.write_text(json.dumps({"layers": [dict(
+        name="tiny_3x3", batch=1, in_channels=4, height=9, width=10, out_channels=6,
+        kernel_size=[3, 3], stride=[1, 1], padding=[1, 1], dilation=[1, 1], groups=1)]}))
+    p = problem_of()
+    sig = cache.signature(p)
+    path = cache.cache_path(info)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    algorithm, config = algorithms.choose(p, info, "forward")
+    for bad in (entry(dict(config, **{next(iter(config)): 0}), algorithm=algorithm.name),
+                entry(config, algorithm="nope"),
+                entry(config, algorithm=algorithm.name, ms="fast")):
+        path.write_text(json.dumps({"format": cache.CACHE_FORMAT, "version": cache.VERSION,
+                                    "device": cache.device_key(info), "entries": {sig: bad}}))
+        done = clconv_cli("tune", "--suite", str(suite), "--budget", "1")
+        assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+        tuned = cache.cache_entries(info)[sig]
+        assert isinstance(tuned["ms"], float) and tuned["candidates_tried"] >= 1
+        assert cache.entry_problem(ALGORITHMS[tuned["algorithm"]], tuned["config"], p, info,
+                                   "forward") is None
+
+
+def test_a_tuned_config_that_fails_to_launch_falls_back(cache_dir, queue, info, rng,
+                                                        monkeypatch):
+    p = problem_of()
+    cache.record(info, {cache.signature(p): entry(OTHER)})
+    planner.forget()
+    real_build = ALGORITHMS["direct"].build
+
+    def failing_build(problem, queue, config, **kwargs):
+        launch = real_build(problem, queue, config, **kwargs)
+        if config != OTHER:
+            return launch
+
+        def refuse(*args):
+            raise cl.LogicError("clEnqueueNDRangeKernel failed: INVALID_WORK_GROUP_SIZE")
+        return algorithms.Launch(refuse, launch.algorithm, launch.config)
+
+    monkeypatch.setattr(ALGORITHMS["direct"], "build", failing_build)
+    with pytest.warns(clconv.TuningCacheWarning, match="failed to launch"):
+        run_and_check(p, queue, rng)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")           # one warning, then the heuristic for good
+        run_and_check(p, queue, rng)
 
 
 def test_model_suites_load_as_valid_problems():

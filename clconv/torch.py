@@ -4,13 +4,24 @@
     y = clconv.torch.conv2d(x, w, b, stride=2, padding=1, activation="relu")
     model = clconv.torch.convert(model)       # every nn.Conv2d now runs through clconv
 
-- `Conv2dFunction`: a torch.autograd.Function; forward with clconv.conv2d, backward with
-  clconv.conv2d_input_grad, conv2d_weight_grad and conv2d_bias_grad (only the gradients that
-  autograd asks for). float16/32/64, batched or unbatched, every argument of nn.Conv2d.
-- `conv2d(...)`: torch.nn.functional.conv2d plus padding_mode, `activation` and `residual`.
-  Without autograd (torch.no_grad(), or no operand requiring a gradient) bias, residual and
-  activation are fused into the one kernel; with autograd the activation and residual are
-  applied by torch after the convolution, so that gradients are exact.
+- The torch operators `torch.ops.clconv.conv2d` (input, weight, bias, residual, activation,
+  stride, padding, padding_str, dilation, groups, padding_mode) and its gradients
+  `torch.ops.clconv.conv2d_input_grad`, `conv2d_weight_grad`, `conv2d_bias_grad`
+  (torch.library custom ops, each with a fake kernel), so torch.jit.trace, torch.compile and
+  torch.export record the call instead of its result. Autograd of the forward computes only
+  the gradients asked for; double backward is an error. CPU tensors of float16/32/64,
+  batched or unbatched, every argument of nn.Conv2d; the output (and the input and weight
+  gradients) take torch's memory format: channels_last if the input or the weight is.
+  Tracing records the grad mode's choice of fusion (see conv2d): trace under no_grad for
+  inference (jit.trace's own check reruns under no_grad, so a trace with autograd recording
+  and a fused activation fails that check; pass check_trace=False).
+- `conv2d(...)`: torch.nn.functional.conv2d plus padding_mode, `activation` and `residual`:
+  activation(conv2d(input, weight, bias) + residual) with torch's broadcasting and type
+  promotion. A residual of the output's exact shape and dtype is fused into the kernel, any
+  other is added by torch; the activation is fused after a fused (or no) residual when no
+  gradient is recorded, else torch applies it, so that gradients are exact.
+- `Conv2dFunction.apply(input, weight, bias, stride, padding, dilation, groups,
+  padding_mode)`: the forward operator, under the name of the former autograd.Function.
 - `Conv2d`: a torch.nn.Conv2d subclass (same constructor plus `activation=`, same
   parameters and state_dict keys, so checkpoints load unchanged).
 - `convert(model)`: swaps the nn.Conv2d modules of a model for `Conv2d` in place, keeping
@@ -30,11 +41,14 @@ try:
     import torch
     import torch.nn.functional as F
     from torch import nn
-    from torch.autograd.function import once_differentiable
+    # Tensor.suggest_memory_format, which torch's convolution follows, has no public Python
+    # name; this is its Python twin (also used by torch's own meta kernels).
+    from torch._prims_common import suggest_memory_format
 except ImportError as err:  # pragma: no cover - exercised only without torch
     raise ImportError("clconv.torch needs PyTorch: pip install torch") from err
 
 import clconv
+from clconv.problem import as_int, as_pair, make_problem
 
 __all__ = ["Conv2dFunction", "conv2d", "Conv2d", "convert", "ACTIVATIONS"]
 
@@ -49,48 +63,179 @@ def _check_activation(activation):
     return activation
 
 
-def _numpy(tensor, name):
-    """A contiguous NumPy copy/view of a tensor (None stays None)."""
+def _check(tensor, name):
+    """A tensor clconv takes: on the CPU (clconv copies it to its own device), float."""
     if tensor is None:
-        return None
+        return
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.device.type != "cpu":
+        raise TypeError(f"{name} must be a CPU tensor, got one on {tensor.device}")
     if tensor.dtype not in _DTYPES:
         raise TypeError(f"{name} must be float16, float32 or float64, got {tensor.dtype}")
-    return tensor.detach().cpu().contiguous().numpy()
 
 
-def _tensor(array, like):
-    return torch.from_numpy(array).to(like.device)
+def _numpy(tensor, name):
+    """A contiguous NumPy copy/view of a tensor (None stays None)."""
+    _check(tensor, name)
+    return None if tensor is None else tensor.detach().contiguous().numpy()
 
 
-class Conv2dFunction(torch.autograd.Function):
-    """apply(input, weight, bias, stride, padding, dilation, groups, padding_mode)."""
+# The geometry arguments every operator ends with. A custom op's schema has no "int, pair
+# or str" type, so torch's padding strings ('valid', 'same') travel in padding_str.
+_GEOMETRY = ("int[] stride, int[] padding, str? padding_str, int[] dilation, int groups, "
+             "str padding_mode")
+
+
+def _geometry(stride, padding, dilation, groups, padding_mode):
+    """nn.Conv2d's geometry arguments as the operators take them."""
+    padding_str = padding if isinstance(padding, str) else None
+    pair = (0, 0) if padding_str is not None else as_pair(padding, "padding")
+    return (list(as_pair(stride, "stride")), list(pair), padding_str,
+            list(as_pair(dilation, "dilation")), as_int(groups, "groups"), padding_mode)
+
+
+def _core(stride, padding, padding_str, dilation, groups, padding_mode):
+    """The operators' geometry arguments as the core API takes them."""
+    return (stride, padding if padding_str is None else padding_str, dilation, groups,
+            padding_mode)
+
+
+def _output_shape(input, weight, bias, *geometry):
+    """The checked call's output shape, from shapes and dtypes alone (fake kernels use it)."""
+    for tensor, name in ((input, "input"), (weight, "weight"), (bias, "bias")):
+        _check(tensor, name)
+    problem, unbatched = make_problem(
+        input.shape, input.dtype, weight.shape, weight.dtype,
+        None if bias is None else bias.shape, None if bias is None else bias.dtype,
+        *_core(*geometry))
+    return problem.output_shape[1:] if unbatched else problem.output_shape
+
+
+def _memory_format(input, weight):
+    """torch's convolution output format: channels_last if the input (unbatched: its batch of
+    one) or the weight is laid out channels_last; the input and weight gradients follow it."""
+    batched = input if input.dim() == 4 else input.unsqueeze(0)
+    channels_last = torch.channels_last in (suggest_memory_format(batched),
+                                            suggest_memory_format(weight))
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def _formatted(tensor, memory_format):
+    """A contiguous tensor with the strides torch gives memory_format (an unbatched one: those
+    of its batch of one). A copy, not .contiguous(): that keeps ambiguous strides, e.g. of
+    shape (C, 1, kH, kW)."""
+    if memory_format == torch.contiguous_format:
+        return tensor
+    batched = tensor if tensor.dim() == 4 else tensor.unsqueeze(0)
+    out = batched.clone(memory_format=memory_format)
+    return out if tensor.dim() == 4 else out[0]
+
+
+@torch.library.custom_op("clconv::conv2d", mutates_args=(), schema=(
+    f"(Tensor input, Tensor weight, Tensor? bias, Tensor? residual, str? activation, "
+    f"{_GEOMETRY}) -> Tensor"))
+def _conv2d_op(input, weight, bias, residual, activation, *geometry):
+    y = clconv.conv2d(_numpy(input, "input"), _numpy(weight, "weight"), _numpy(bias, "bias"),
+                      *_core(*geometry), activation=activation,
+                      residual=_numpy(residual, "residual"))
+    return _formatted(torch.from_numpy(y), _memory_format(input, weight))
+
+
+@_conv2d_op.register_fake
+def _(input, weight, bias, residual, activation, *geometry):
+    _check(residual, "residual")
+    shape = _output_shape(input, weight, bias, *geometry)
+    return _formatted(input.new_empty(shape), _memory_format(input, weight))
+
+
+@torch.library.custom_op("clconv::conv2d_input_grad", mutates_args=(), schema=(
+    f"(int[] input_shape, Tensor weight, Tensor grad_output, {_GEOMETRY}) -> Tensor"))
+def _input_grad_op(input_shape, weight, grad_output, *geometry):
+    return torch.from_numpy(clconv.conv2d_input_grad(
+        tuple(input_shape), _numpy(weight, "weight"), _numpy(grad_output, "grad_output"),
+        *_core(*geometry)))
+
+
+@_input_grad_op.register_fake
+def _(input_shape, weight, grad_output, *geometry):
+    _check(weight, "weight"), _check(grad_output, "grad_output")
+    return weight.new_empty(input_shape)
+
+
+@torch.library.custom_op("clconv::conv2d_weight_grad", mutates_args=(), schema=(
+    f"(Tensor input, int[] weight_shape, Tensor grad_output, {_GEOMETRY}) -> Tensor"))
+def _weight_grad_op(input, weight_shape, grad_output, *geometry):
+    return torch.from_numpy(clconv.conv2d_weight_grad(
+        _numpy(input, "input"), tuple(weight_shape), _numpy(grad_output, "grad_output"),
+        *_core(*geometry)))
+
+
+@_weight_grad_op.register_fake
+def _(input, weight_shape, grad_output, *geometry):
+    _check(input, "input"), _check(grad_output, "grad_output")
+    return input.new_empty(weight_shape)
+
+
+@torch.library.custom_op("clconv::conv2d_bias_grad", mutates_args=(), schema=(
+    "(Tensor grad_output) -> Tensor"))
+def _bias_grad_op(grad_output):
+    return torch.from_numpy(clconv.conv2d_bias_grad(_numpy(grad_output, "grad_output")))
+
+
+@_bias_grad_op.register_fake
+def _(grad_output):
+    _check(grad_output, "grad_output")
+    return grad_output.new_empty(grad_output.shape[-3])
+
+
+def _setup_context(ctx, inputs, output):
+    input, weight, bias, residual, activation, *geometry = inputs
+    if activation is not None:
+        raise RuntimeError("clconv::conv2d has no gradient for a fused activation: apply it "
+                           "with torch after the convolution (clconv.torch.conv2d does this "
+                           "when autograd records)")
+    ctx.geometry, ctx.n_inputs = geometry, len(inputs)
+    ctx.memory_format = _memory_format(input, weight)
+    ctx.save_for_backward(input, weight)
+
+
+def _backward(ctx, grad_output):
+    input, weight = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    grads = [None] * ctx.n_inputs
+    if needs[0]:
+        grads[0] = _formatted(_input_grad_op(list(input.shape), weight, grad_output,
+                                             *ctx.geometry), ctx.memory_format)
+    if needs[1]:
+        grads[1] = _formatted(_weight_grad_op(input, list(weight.shape), grad_output,
+                                              *ctx.geometry), ctx.memory_format)
+    if needs[2]:
+        grads[2] = _bias_grad_op(grad_output)
+    if needs[3]:
+        grads[3] = grad_output          # a fused residual has exactly the output's shape
+    return tuple(grads)
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError("clconv.torch: double backward (the gradient of a gradient of "
+                       "clconv::conv2d) is not supported")
+
+
+_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
+for _op in (_input_grad_op, _weight_grad_op, _bias_grad_op):
+    _op.register_autograd(_no_double_backward)
+
+
+class Conv2dFunction:
+    """apply(input, weight, bias, stride, padding, dilation, groups, padding_mode): the
+    clconv::conv2d operator, under the name of the autograd.Function it replaced."""
 
     @staticmethod
-    def forward(ctx, input, weight, bias, stride=1, padding=0, dilation=1, groups=1,
-                padding_mode="zeros"):
-        ctx.geometry = (stride, padding, dilation, groups, padding_mode)
-        ctx.save_for_backward(input, weight)
-        y = clconv.conv2d(_numpy(input, "input"), _numpy(weight, "weight"),
-                          _numpy(bias, "bias"), *ctx.geometry)
-        return _tensor(y, input)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_output):
-        input, weight = ctx.saved_tensors
-        g = _numpy(grad_output, "grad_output")
-        grad_input = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            grad_input = _tensor(clconv.conv2d_input_grad(
-                tuple(input.shape), _numpy(weight, "weight"), g, *ctx.geometry), input)
-        if ctx.needs_input_grad[1]:
-            grad_weight = _tensor(clconv.conv2d_weight_grad(
-                _numpy(input, "input"), tuple(weight.shape), g, *ctx.geometry), weight)
-        if ctx.needs_input_grad[2]:
-            grad_bias = _tensor(clconv.conv2d_bias_grad(g), weight)
-        return grad_input, grad_weight, grad_bias, None, None, None, None, None
+    def apply(input, weight, bias, stride=1, padding=0, dilation=1, groups=1,
+              padding_mode="zeros"):
+        return _conv2d_op(input, weight, bias, None, None,
+                          *_geometry(stride, padding, dilation, groups, padding_mode))
 
 
 def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1,
@@ -98,20 +243,25 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1,
     """activation(conv2d(input, weight, bias) + residual), the convolution run by clconv.
 
     activation: None, "relu", "relu6", "silu" or "gelu" (erf form, torch's default).
-    residual: None or a tensor of the output's shape and dtype.
+    residual: None or anything torch adds to the output (broadcast, type promotion).
     """
     _check_activation(activation)
-    operands = (input, weight, bias, residual)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in operands):
-        y = Conv2dFunction.apply(input, weight, bias, stride, padding, dilation, groups,
-                                 padding_mode)
-        if residual is not None:
-            y = y + residual
-        return y if activation is None else ACTIVATIONS[activation](y)
-    y = clconv.conv2d(_numpy(input, "input"), _numpy(weight, "weight"), _numpy(bias, "bias"),
-                      stride, padding, dilation, groups, padding_mode, activation=activation,
-                      residual=_numpy(residual, "residual"))
-    return _tensor(y, input)
+    geometry = _geometry(stride, padding, dilation, groups, padding_mode)
+    # The kernel adds a residual only element by element, in the output's dtype.
+    fuse_residual = residual is None or (
+        isinstance(residual, torch.Tensor)
+        and residual.shape == _output_shape(input, weight, bias, *geometry)
+        and residual.dtype == input.dtype)
+    recording = torch.is_grad_enabled() and any(
+        isinstance(t, torch.Tensor) and t.requires_grad for t in (input, weight, bias, residual))
+    fuse_activation = fuse_residual and not recording
+    y = _conv2d_op(input, weight, bias, residual if fuse_residual else None,
+                   activation if fuse_activation else None, *geometry)
+    if not fuse_residual:
+        y = y + residual
+    if activation is not None and not fuse_activation:
+        y = ACTIVATIONS[activation](y)
+    return y
 
 
 class Conv2d(nn.Conv2d):

@@ -300,3 +300,172 @@ def test_module_loads_torch_checkpoint(tmp_path):
     assert module.state_dict().keys() == reference.state_dict().keys()
     x = torch.randn(3, 4, 9, 8)
     torch.testing.assert_close(module(x), reference(x), rtol=1e-5, atol=1e-6)
+
+
+# --- torch operators: tracing, compiling, exporting -----------------------------------
+
+def inference_pair():
+    """(a torch model, its converted copy), in eval mode: fused activations, 'same' padding."""
+    torch.manual_seed(6)
+    reference = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+                              nn.Conv2d(8, 4, 3, padding="same", padding_mode="reflect"),
+                              nn.SiLU()).eval()
+    return reference, ct.convert(copy.deepcopy(reference))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace")
+def test_jit_trace_follows_new_inputs():
+    reference, model = inference_pair()
+    x, other = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        traced = torch.jit.trace(model, x)
+        torch.testing.assert_close(traced(other), reference(other), rtol=1e-4, atol=1e-5)
+        # the traced operator takes any shape (the graph has no shape-dependent branch)
+        bigger = torch.randn(1, 3, 11, 9)
+        torch.testing.assert_close(traced(bigger), reference(bigger), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_torch_compile_without_graph_breaks(grad):
+    reference, model = inference_pair()
+    x = torch.randn(2, 3, 8, 8)
+    residual = torch.randn(1, 8, 1, 1)            # broadcast: added by torch, in the graph
+    with torch.set_grad_enabled(grad):
+        assert torch._dynamo.explain(model)(x).graph_break_count == 0
+        assert torch._dynamo.explain(ct.conv2d)(
+            x, model[0].weight, model[0].bias, padding=1, residual=residual,
+            activation="relu").graph_break_count == 0
+        compiled = torch.compile(model, backend="aot_eager")
+        other = torch.randn(2, 3, 8, 8, requires_grad=grad)
+        y = compiled(other)
+        other_reference = other.detach().clone().requires_grad_(grad)
+        expected = reference(other_reference)
+        torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-5)
+    if grad:
+        y.sum().backward()
+        expected.sum().backward()
+        torch.testing.assert_close(other.grad, other_reference.grad, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(model[0].weight.grad, reference[0].weight.grad,
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_torch_export():
+    reference, model = inference_pair()
+    with torch.no_grad():
+        program = torch.export.export(model, (torch.randn(2, 3, 8, 8),))
+        assert "clconv.conv2d" in program.graph_module.code
+        other = torch.randn(2, 3, 8, 8)
+        torch.testing.assert_close(program.module()(other), reference(other),
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_operators_pass_opcheck():
+    # schema, fake kernels (shapes and strides against the real ones), autograd registration
+    torch.manual_seed(8)
+    geometry = ct._geometry(1, "same", 1, 2, "reflect")
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, 2, 3, 2, dtype=torch.float64, requires_grad=True)
+    b, residual = torch.randn(6, dtype=torch.float64), torch.randn(2, 6, 6, 6, dtype=torch.float64)
+    dy = torch.randn(2, 6, 6, 6, dtype=torch.float64)
+    ops = torch.ops.clconv
+    for op, args in [
+            (ops.conv2d, (x, w, b, residual, None, *geometry)),
+            (ops.conv2d, (x.detach().to(memory_format=torch.channels_last), w.detach(), None,
+                          None, "gelu", *geometry)),
+            (ops.conv2d, (x.detach()[0], w.detach(), b, None, "relu",
+                          *ct._geometry(2, 1, 1, 2, "zeros"))),
+            (ops.conv2d_input_grad, ([2, 4, 6, 6], w.detach(), dy, *geometry)),
+            (ops.conv2d_weight_grad, (x.detach(), [6, 2, 3, 2], dy, *geometry)),
+            (ops.conv2d_bias_grad, (dy,))]:
+        torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("operand", ["input", "weight", "bias"])
+@pytest.mark.parametrize("kind", ["meta", "bfloat16", "int"])
+def test_rejects_other_devices_and_dtypes(operand, kind):
+    operands = dict(input=torch.randn(1, 2, 5, 5), weight=torch.randn(3, 2, 3, 3),
+                    bias=torch.randn(3))
+    operands[operand] = {"meta": lambda t: t.to("meta"), "bfloat16": lambda t: t.bfloat16(),
+                         "int": lambda t: t.int()}[kind](operands[operand])
+    with pytest.raises(TypeError, match=f"^{operand} must be"):
+        ct.conv2d(*operands.values())
+    with pytest.raises(TypeError, match=f"^{operand} must be"):   # checked before fusing
+        ct.conv2d(*operands.values(), residual=torch.randn(1, 3, 1, 1))
+
+
+# --- residual, memory format, double backward -----------------------------------------
+
+RESIDUALS = {
+    "exact": lambda: torch.randn(2, 4, 5, 5),
+    "broadcast": lambda: torch.randn(1, 4, 1, 1),
+    "float64": lambda: torch.randn(2, 4, 5, 5, dtype=torch.float64),
+    "broadcast-float64": lambda: torch.randn(4, 1, 5, dtype=torch.float64),
+    "scalar": lambda: 0.5,
+}
+
+
+@pytest.mark.parametrize("residual", RESIDUALS)
+@pytest.mark.parametrize("grad", [False, True])
+def test_residual_follows_torch_addition(residual, grad):
+    torch.manual_seed(9)
+    x, w, b = torch.randn(2, 3, 5, 5), torch.randn(4, 3, 3, 3), torch.randn(4)
+    residual = RESIDUALS[residual]()
+    expected = F.silu(F.conv2d(x, w, b, padding=1) + residual)
+    with torch.set_grad_enabled(grad):
+        y = ct.conv2d(x.requires_grad_(grad), w, b, padding=1, activation="silu",
+                      residual=residual)
+    assert y.dtype == expected.dtype and y.shape == expected.shape
+    torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_residual_fused_only_when_exact(monkeypatch):
+    fused = []
+    core = ct.clconv.conv2d
+
+    def spy(*args, residual=None, **kwargs):
+        fused.append(residual is not None)
+        return core(*args, residual=residual, **kwargs)
+
+    monkeypatch.setattr(ct.clconv, "conv2d", spy)
+    x, w = torch.randn(2, 3, 5, 5), torch.randn(4, 3, 3, 3)
+    for name in RESIDUALS:
+        ct.conv2d(x, w, padding=1, residual=RESIDUALS[name]())
+    assert fused == [name == "exact" for name in RESIDUALS]
+
+
+@pytest.mark.parametrize("layout", ["input", "weight", "both", "neither", "unbatched-weight",
+                                    "depthwise-weight"])
+def test_memory_format_follows_torch(layout):
+    torch.manual_seed(10)
+    depthwise = layout == "depthwise-weight"
+    x = torch.randn((3, 6, 6) if layout.startswith("unbatched") else (2, 3, 6, 6),
+                    dtype=torch.float64)
+    w = torch.randn(3 if depthwise else 4, 1 if depthwise else 3, 3, 3, dtype=torch.float64)
+    if layout in ("input", "both"):
+        x = x.to(memory_format=torch.channels_last)
+    if layout in ("weight", "both", "unbatched-weight", "depthwise-weight"):
+        w = w.to(memory_format=torch.channels_last)
+    groups = 3 if depthwise else 1
+    results = []
+    for conv in (F.conv2d, ct.conv2d):
+        leaves = [t.detach().clone(memory_format=torch.preserve_format).requires_grad_(True)
+                  for t in (x, w)]
+        y = conv(*leaves, None, 2, 1, 1, groups)
+        grads = torch.autograd.grad(y, leaves, torch.ones(y.shape, dtype=y.dtype))
+        results.append([(t.stride(), t.is_contiguous(),
+                         t.is_contiguous(memory_format=torch.channels_last))
+                        for t in (y, *grads)])
+    assert results[1] == results[0]
+
+
+def test_double_backward_is_a_clear_error():
+    module, x = make_pair(*GRAD_CASES["plain"], torch.float64)
+    with pytest.raises(RuntimeError, match="double backward .* not supported"):
+        torch.autograd.gradgradcheck(
+            lambda x, w: ct.conv2d(x, w, stride=module.stride), (x, module.weight))
+
+
+def test_fused_activation_has_no_gradient():
+    x, w = torch.randn(1, 2, 5, 5, requires_grad=True), torch.randn(3, 2, 3, 3)
+    with pytest.raises(RuntimeError, match="no gradient for a fused activation"):
+        torch.ops.clconv.conv2d(x, w, None, None, "relu", *ct._geometry(1, 0, 1, 1, "zeros"))

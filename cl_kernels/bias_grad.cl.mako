@@ -26,10 +26,11 @@ __kernel void conv2d_bias_grad(
         __global const ${storage_t} *p = dy + dy_off + ((idx_t)n * ${channels} + k) * ${plane};
         for (int i = 0; i < ${full}; i += ${tw})
             acc += ${c.load_vec(storage_t, tw, 'p', 'i')};
-% if full < plane:
-        for (int i = ${full}; i < ${plane}; ++i)
-            tail += LOAD(p, i);
-% endif
+## The last (plane - full < tw) values, unrolled: PoCL 3.1's LLVM 15 miscompiles a tail
+## loop after a one-vector loop in half (a crash at run time).
+% for i in range(full, plane):
+        tail += LOAD(p, ${i});
+% endfor
     }
     ${c.lane_total('sum', 'acc', tw, acc_t, ' + tail')}
     ${c.store_vec(out_t, 1, 'sum', 'db', '(idx_t)split * %d + k' % channels)};

@@ -369,6 +369,24 @@ def weight_grad_variants():
                channels(1, tw, 2))
 
 
+def heuristic_variants():
+    """Problems run with the heuristic's choice for the device at hand, built strictly (a
+    work-group its kernel cannot run is an error, not shrunk): under Oclgrind's GPU-like
+    limits (tests/test_oclgrind.py) they show that every heuristic fits them. Each operation
+    on a dense 3x3 layer, a strided one, a 1x1 and a depthwise one."""
+    shapes = {"3x3": ((1, 16, 10, 10), (16, 16, 3, 3), dict(padding=1)),
+              "s2": ((2, 8, 11, 11), (16, 8, 3, 3), dict(stride=2, padding=1)),
+              "1x1": ((2, 16, 7, 7), (32, 16, 1, 1), {}),
+              "depthwise": ((1, 16, 12, 12), (16, 1, 3, 3), dict(padding=1, groups=16))}
+    for op in ("forward", "input_grad", "weight_grad"):
+        for name, (x_shape, w_shape, kwargs) in shapes.items():
+            yield (f"heuristic-{op}-{name}", op, x_shape, w_shape, op == "forward", kwargs,
+                   "float32", dict(algorithm=HEURISTIC))
+
+
+HEURISTIC = "heuristic"     # a variant's algorithm: the heuristic's choice on the device
+
+
 # Tile parameters per operation: (channels per work-item, vector width) -> config.
 TILES = {"forward": lambda k, w: dict(tk=k, tw=w),
          "input_grad": lambda k, w: dict(tc=k, tv=1, tw=w),
@@ -417,10 +435,15 @@ def build_variant(queue, name, operation, x_shape, w_shape, with_bias, kwargs, d
     activation, with_residual = config.pop("activation", None), config.pop("residual", False)
     epilogue = dict(activation=activation, has_residual=with_residual) if operation == "forward" \
         else None
-    algorithm = algorithm_of(operation, config)
-    config.pop("algorithm", None)
-    local = {p.name: 1 for p in algorithm.params if p.name in ("lx", "ly", "lz")}
-    launch = algorithm.build(problem, queue, local | config, epilogue=epilogue)
+    if config.get("algorithm") == HEURISTIC:
+        algorithm, config = clconv.algorithms.choose(problem, clconv.device_info(queue.device),
+                                                     operation)
+        print(f"{name}: {algorithm.name} {config}", flush=True)
+    else:
+        algorithm = algorithm_of(operation, config)
+        config.pop("algorithm", None)
+        config = {p.name: 1 for p in algorithm.params if p.name in ("lx", "ly", "lz")} | config
+    launch = algorithm.build(problem, queue, config, epilogue=epilogue)
     return launch, problem, (x, w, b, dy, residual), (activation, with_residual)
 
 
@@ -471,6 +494,13 @@ DTYPES = ("float16", "float32", "float64")
 PROBES = [(s, n) for s in ("half", "float", "double") for n in capabilities.WIDTHS]
 
 
+def gpu_like_names():
+    """What runs under Oclgrind's GPU-like limits: the heuristics and the local-memory tiled
+    GEMM's variants."""
+    return ([v[0] for v in heuristic_variants()]
+            + [v[0] for v in tiled_gemm_variants() if "epilogue" not in v[0]])
+
+
 def all_names():
     return ([v[0] for v in variants()] + [f"gather-{d}" for d in DTYPES]
             + [f"bias_grad-{d}-n{n}" for d in DTYPES for n in (1, 64)]
@@ -481,7 +511,7 @@ def main(names):
     """Run the named variants (all by default); exit status 1 if any result is wrong."""
     queue = clconv.queue_for()
     print(f"device: {queue.device.name}", flush=True)
-    specs = {v[0]: v[1:] for v in variants()}
+    specs = {v[0]: v[1:] for v in itertools.chain(variants(), heuristic_variants())}
     failures = []
     for name in names or all_names():
         if name.startswith("gather-"):

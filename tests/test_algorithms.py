@@ -186,3 +186,35 @@ def test_a_dropped_context_frees_its_programs_and_plans():
     del context, queue
     gc.collect()
     assert [len(t._tables) for t in tables] == [n - 1 for n in before]
+
+
+# --- a GPU's limits ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("work_items, local_bytes", [(256, 32 * 1024), (256, 64 * 1024),
+                                                     (1024, 48 * 1024)])
+def test_every_heuristic_fits_gpu_like_limits(queue, work_items, local_bytes):
+    """On every layer of the model suites, each operation's heuristic (the tiled GEMM's
+    local memory included: a GPU has real local memory) is valid under a GPU's work-group
+    and local-memory limits: its constraints accept it and its work-group fits."""
+    import dataclasses
+    from clconv.algorithms.base import work_group_problem
+    from clconv.suites import layer_problem, load_suite, suite_names
+    gpu = dataclasses.replace(clconv.device_info(queue.device), is_cpu=False,
+                              local_memory=True, max_work_group_size=work_items,
+                              max_work_item_sizes=(work_items,) * 3,
+                              local_mem_size=local_bytes)
+    chosen = set()
+    for suite in suite_names():
+        for layer in load_suite(suite):
+            problem = layer_problem(layer)
+            for operation in algorithms.OPERATIONS:
+                algorithm, config = algorithms.choose(problem, gpu, operation)
+                where = (suite, layer["name"], operation, algorithm.name, config)
+                assert algorithm.constraints(problem, gpu, config) is None, where
+                try:
+                    local = algorithm.ranges(problem, config)[1]
+                except NotImplementedError:     # launchers of their own: lx, ly, lz
+                    local = tuple(config.get(name, 1) for name in ("lx", "ly", "lz"))
+                assert local is None or work_group_problem(local, gpu) is None, where
+                chosen.add(algorithm.name)
+    assert "tiled_gemm" in chosen        # the local-memory algorithm took part

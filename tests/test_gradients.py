@@ -312,6 +312,24 @@ def test_shapes_as_lists_and_numpy_ints():
                       dtype=np.float32, label=f"weight_shape={shape!r}")
 
 
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+@pytest.mark.parametrize("plane", [(1, 1), (3, 3), (3, 4), (4, 5), (5, 5), (1, 31), (6, 6),
+                                   (7, 7), (1, 33)])
+def test_bias_grad_over_every_vector_split_of_the_plane(plane, dtype, has_fp64):
+    """Planes shorter than a vector, of whole vectors, and of one or more vectors and a tail
+    (one vector and a tail in half crashed PoCL 3.1's compiled loop), split and not."""
+    if dtype == "float64" and not has_fp64:
+        pytest.skip("no fp64")
+    for batch in (1, 64):
+        g = np.random.default_rng(batch).standard_normal((batch, 3) + plane).astype(dtype)
+        db = clconv.conv2d_bias_grad(g)
+        assert db.dtype == g.dtype and db.shape == (3,)
+        terms = batch * plane[0] * plane[1]
+        assert_within(db, conv2d_bias_grad_ref(g),
+                      tolerance(dtype, terms, conv2d_bias_grad_abs_bound(g)),
+                      dtype=np.dtype(dtype), label=f"{batch}x3x{plane}")
+
+
 def test_batch_zero_mirrors_torch():
     """torch.nn.grad gives an empty input gradient and an all-zero weight gradient."""
     c = CASES["batch0"]

@@ -33,18 +33,33 @@ def oclgrind_or_skip():
         pytest.skip("oclgrind is not installed (apt-get install -y oclgrind)")
 
 
-@pytest.mark.parametrize("name", oclgrind_variants.all_names())
-def test_variant_is_clean_under_oclgrind(name):
+# A GPU's limits, smaller than PoCL's 4096 work-items and 2 MB of "local" memory.
+GPU_LIKE = ("--max-wgsize", "256", "--local-mem-size", str(32 * 1024))
+
+
+def run_under_oclgrind(name, limits=()):
     oclgrind_or_skip()
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    proc = subprocess.run([OCLGRIND, "--data-races", "--uninitialized", sys.executable,
-                           str(SCRIPT), name], capture_output=True, text=True, timeout=600,
-                          env=env)
+    proc = subprocess.run([OCLGRIND, "--data-races", "--uninitialized", *limits,
+                           sys.executable, str(SCRIPT), name], capture_output=True, text=True,
+                          timeout=600, env=env)
     report = f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     assert proc.returncode == 0, report
     assert "device: Oclgrind" in proc.stdout, report
     assert f"{name}: ok" in proc.stdout, report
     assert not PROBLEMS.search(proc.stderr), report
+
+
+@pytest.mark.parametrize("name", oclgrind_variants.all_names())
+def test_variant_is_clean_under_oclgrind(name):
+    run_under_oclgrind(name)
+
+
+@pytest.mark.parametrize("name", oclgrind_variants.gpu_like_names())
+def test_heuristics_and_local_memory_fit_gpu_like_limits(name):
+    """Every operation's heuristic, and the tiled GEMM, under 256 work-items per group and
+    32 KiB of local memory: built strictly, run clean and right."""
+    run_under_oclgrind(name, GPU_LIKE)
 
 
 def test_variants_cover_every_template_branch():

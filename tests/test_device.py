@@ -12,9 +12,11 @@ from clconv import programs
 
 
 def test_clconv_device_substring_chooses_and_rejects(monkeypatch, queue):
-    name = queue.device.name
-    monkeypatch.setenv("CLCONV_DEVICE", name[2:8].upper())
-    assert clconv.choose_device() == queue.device
+    name = queue.device.name.strip()
+    monkeypatch.setenv("CLCONV_DEVICE", name.upper())     # any case
+    first_match = next(d for _, d in device_mod.all_devices() if device_mod._matches(d, name))
+    assert clconv.choose_device() == first_match
+    assert name in first_match.name
     monkeypatch.setenv("CLCONV_DEVICE", "no-such-device-xyz")
     with pytest.raises(clconv.NoDeviceError, match="no-such-device-xyz"):
         clconv.choose_device()

@@ -37,9 +37,18 @@ def oclgrind_or_skip():
 GPU_LIKE = ("--max-wgsize", "256", "--local-mem-size", str(32 * 1024))
 
 
+def oclgrind_env():
+    """The environment for a process under Oclgrind: its one device, whatever else this
+    run chose (CLCONV_DEVICE or PYOPENCL_CTX name other platforms)."""
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    for choice in ("CLCONV_DEVICE", "PYOPENCL_CTX"):
+        env.pop(choice, None)
+    return env
+
+
 def run_under_oclgrind(name, limits=()):
     oclgrind_or_skip()
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    env = oclgrind_env()
     proc = subprocess.run([OCLGRIND, "--data-races", "--uninitialized", *limits,
                            sys.executable, str(SCRIPT), name], capture_output=True, text=True,
                           timeout=600, env=env)
@@ -130,5 +139,5 @@ def test_oclgrind_catches_an_out_of_bounds_write():
             "{ a[get_global_id(0) + 1] = 1.0f; }').build().f\n"
             "a = A.zeros(q, 4, np.float32); k(q, (4,), None, a.data); q.finish()\n")
     proc = subprocess.run([OCLGRIND, sys.executable, "-c", code], capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=120, env=oclgrind_env())
     assert PROBLEMS.search(proc.stderr), proc.stderr

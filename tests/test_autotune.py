@@ -232,7 +232,9 @@ TUNED_PROBLEMS = [
 def test_every_tuned_result_equals_the_reference(cache_dir, queue, info, rng, has_fp64, p):
     if p.dtype == "float64" and not has_fp64:
         pytest.skip("no cl_khr_fp64")
-    result = clconv.tune(p, budget=2.5, queue=queue)
+    # A budget that holds a few cold builds (PoCL 3.1's LLVM, built with assertions, takes
+    # over 2 s for one on a fresh machine): the test needs the default and others.
+    result = clconv.tune(p, budget=6.0, queue=queue)
     assert result.best is not None and result.best.ok and result.default is result.trials[0]
     assert len(result.trials) >= 2 and result.space > len(result.trials) / 2
     assert all(t.ms > 0 for t in result.trials if t.ok)

@@ -1,14 +1,20 @@
-"""Operands on the device: NumPy arrays are copied in; pyopencl arrays stay where they are.
+"""Operands on the device: pyopencl arrays stay where they are; NumPy arrays are copied in,
+except on a device that computes in the host's memory (a CPU device: PoCL), where a buffer
+is made over the array's own memory (CL_MEM_USE_HOST_PTR: no copy) and a NumPy result is
+written in place, then mapped and unmapped so that the host sees it.
 
 An operand is handed to kernels as (buffer, offset in elements). A non-contiguous pyopencl
-array is first gathered into a contiguous one on the device, never through the host.
+array is first gathered into a contiguous one on the device, never through the host; a
+non-contiguous NumPy array is made contiguous on the host first (one copy).
 """
 from __future__ import annotations
 
 import numpy as np
+import pyopencl as cl
 import pyopencl.array as cl_array
 
 from . import programs
+from .device import queried_info
 
 WORD_TYPES = {1: "uchar", 2: "ushort", 4: "uint", 8: "ulong"}
 # gather4d: a device array's words, read by its strides, into a contiguous one.
@@ -50,10 +56,37 @@ def empty(queue, shape, dtype):
     return cl_array.empty(queue, shape, dtype)
 
 
+def shares_host_memory(queue):
+    """Whether queue's device computes in the host's memory, so that NumPy arrays can be
+    handed to kernels without a copy."""
+    return queried_info(queue.device).host_unified_memory
+
+
+def host_buffer(queue, a, flags):
+    """A buffer over the memory of the C-contiguous, non-empty NumPy array a (no copy on a
+    device that shares the host's memory); a must outlive every kernel that uses it."""
+    return cl.Buffer(queue.context, flags | cl.mem_flags.USE_HOST_PTR, hostbuf=a)
+
+
+def to_host(queue, buffer, a, wait_for):
+    """Wait for wait_for, then make the device's writes to buffer (made over a's memory by
+    host_buffer) visible in a: a map and unmap, which copy nothing where the memory is
+    shared (and a copy where a driver maps elsewhere)."""
+    mapped, _ = cl.enqueue_map_buffer(queue, buffer, cl.map_flags.READ, 0, a.shape, a.dtype,
+                                      wait_for=wait_for, is_blocking=True)
+    if mapped.ctypes.data != a.ctypes.data:
+        a[...] = mapped
+    mapped.base.release(queue).wait()
+
+
 def operand(queue, a):
-    """(buffer, element offset, owner) of a on queue's context; owner keeps it alive."""
+    """(buffer, element offset, owner) of a on queue's context; owner keeps it alive (a
+    device array, or the NumPy array whose memory the buffer is)."""
     if not is_device_array(a):
-        a = cl_array.to_device(queue, np.ascontiguousarray(a))
+        a = np.ascontiguousarray(a)
+        if a.size and shares_host_memory(queue):
+            return host_buffer(queue, a, cl.mem_flags.READ_ONLY), 0, a
+        a = cl_array.to_device(queue, a)
     elif a.context != queue.context:
         raise ValueError("a pyopencl array operand lives on another OpenCL context than the "
                          "convolution's queue")

@@ -67,6 +67,7 @@ class DeviceInfo:
     fp16: bool
     fp64: bool
     local_memory: bool = False      # dedicated local memory (not emulated in global memory)
+    host_unified_memory: bool = False   # computes in the host's memory (a CPU device)
     # What the device's compiler really does (clconv.capabilities.Capabilities): probed
     # above this layer, so None in the queried facts.
     capabilities: object = None
@@ -87,7 +88,17 @@ class DeviceInfo:
             fp16="cl_khr_fp16" in ext,
             fp64="cl_khr_fp64" in ext or device.double_fp_config != 0,
             local_memory=device.local_mem_type == cl.device_local_mem_type.LOCAL,
+            host_unified_memory=_host_unified(device),
         )
+
+
+def _host_unified(device):
+    """CL_DEVICE_HOST_UNIFIED_MEMORY (deprecated in OpenCL 2.0, so a driver may refuse it:
+    then a CPU device is taken to share the host's memory)."""
+    try:
+        return bool(device.host_unified_memory)
+    except (cl.Error, AttributeError):
+        return bool(device.type & cl.device_type.CPU)
 
 
 def queried_info(device) -> DeviceInfo:

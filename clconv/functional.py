@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pyopencl as cl
 
 from . import arrays, planner
 from .device import queue_for
@@ -80,14 +81,22 @@ def run(problem, queue, operation, operands, out_shape, epilogue=()):
 def launch_into(make_launch, queue, operands, out_shape, dtype, batch):
     """Run make_launch()'s launch on operands into a new output. operands: its inputs in
     order, NumPy or pyopencl arrays (None: absent, e.g. no bias). The result is a pyopencl
-    array when the first operand is one, else NumPy; an empty one needs no launch."""
+    array when the first operand is one, else NumPy (written in place where the device
+    shares the host's memory); an empty one needs no launch. Every operand stays referenced
+    here until the result is complete."""
     on_device = arrays.is_device_array(operands[0])
     if 0 in out_shape:
         return arrays.empty(queue, out_shape, dtype) if on_device else np.empty(out_shape, dtype)
     inputs = [arrays.operand(queue, a) for a in operands if a is not None]
+    waits = [e for _, _, a in inputs if arrays.is_device_array(a) for e in a.events]
+    pairs = [pair[:2] for pair in inputs]
+    if not on_device and arrays.shares_host_memory(queue):
+        y = np.empty(out_shape, dtype)
+        y_buffer = arrays.host_buffer(queue, y, cl.mem_flags.READ_WRITE)
+        events = make_launch()(queue, pairs, (y_buffer, 0), batch, wait_for=waits or None)
+        arrays.to_host(queue, y_buffer, y, events)
+        return y
     y = arrays.empty(queue, out_shape, dtype)
-    waits = [e for _, _, a in inputs for e in a.events]
-    events = make_launch()(queue, [pair[:2] for pair in inputs], (y.base_data, 0), batch,
-                           wait_for=waits or None)
+    events = make_launch()(queue, pairs, (y.base_data, 0), batch, wait_for=waits or None)
     y.add_event(events[-1])
     return y if on_device else y.get()

@@ -34,8 +34,8 @@ HOST_CHECK_BYTES = 256 * 2**20
 
 def check_device_limits(problem, device):
     """Reject what the device cannot hold or compute, with the reason, before any work.
-    On a CPU device, whose memory is the host's, the result's host copy comes on top of the
-    device's buffers: that sum must fit the host memory free now."""
+    On a CPU device, whose memory is the host's, they must also fit the host memory free
+    now."""
     info = queried_info(device)
     check_fp64(problem.dtype, info)
     itemsize = problem.numpy_dtype.itemsize
@@ -51,14 +51,14 @@ def check_device_limits(problem, device):
     if total > info.global_mem_size:
         raise ValueError(f"input, weight and output together ({_size(total)}) exceed "
                          f"{info.name}'s memory ({_size(info.global_mem_size)})")
-    # the device's copies of the operands, its output and the output's host copy
-    needed = total + math.prod(problem.output_shape) * itemsize
-    if info.is_cpu and needed > HOST_CHECK_BYTES:
+    # A CPU device's buffers are host memory (NumPy operands are used in place, a
+    # non-contiguous one copied once): the operands and the result must fit what is free.
+    if info.is_cpu and total > HOST_CHECK_BYTES:
         free = host_memory_available()
-        if free is not None and needed > free:
-            raise ValueError(f"the device's copies of input, weight and output and the "
-                             f"output's host copy ({_size(needed)}) exceed the host memory "
-                             f"free now ({_size(free)}) on {info.name}; split the batch")
+        if free is not None and total > free:
+            raise ValueError(f"input, weight and output together ({_size(total)}) exceed the "
+                             f"host memory free now ({_size(free)}) on {info.name}; split "
+                             "the batch")
     if problem.batch * problem.out_height > INT32_LIMIT:
         raise ValueError("batch * output height exceeds 2**31 - 1; split the batch")
 

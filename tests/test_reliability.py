@@ -136,3 +136,34 @@ def test_memo_size_setting_is_checked(monkeypatch, value):
     monkeypatch.setenv("CLCONV_MEMO_SIZE", value)
     with pytest.raises(ValueError, match="CLCONV_MEMO_SIZE must be a positive integer"):
         clconv.options.memo_size()
+
+
+# --- NumPy operands used in place ----------------------------------------------------------
+
+def test_numpy_operands_in_place_any_alignment_layout_and_under_threads(queue):
+    """Where the device shares the host's memory NumPy operands are wrapped, not copied: an
+    input off any 128-byte boundary, a read-only one, a strided view, and eight threads
+    calling at once all give the reference's result, in fresh arrays."""
+    from concurrent.futures import ThreadPoolExecutor
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((6, 4, 3, 3)).astype(np.float32)
+    raw = rng.standard_normal(4 * 9 * 11 + 3).astype(np.float32)
+    inputs = {"misaligned": raw[3:].reshape(1, 4, 9, 11)}
+    read_only = rng.standard_normal((2, 4, 9, 11)).astype(np.float32)
+    read_only.flags.writeable = False
+    inputs["read-only"] = read_only
+    inputs["strided"] = rng.standard_normal((2, 4, 9, 22)).astype(np.float32)[..., ::2]
+    for name, x in inputs.items():
+        before = x.copy()
+        y = clconv.conv2d(x, w, padding=1, queue=queue)
+        assert not np.shares_memory(y, x), name
+        assert_matches(y, x, w, None, padding=1)
+        np.testing.assert_array_equal(x, before)          # inputs are never written
+
+    def call(seed):
+        x = np.random.default_rng(seed).standard_normal((2, 4, 9, 11)).astype(np.float32)
+        return x, clconv.conv2d(x, w, padding=1, queue=queue)
+
+    with ThreadPoolExecutor(8) as pool:
+        for x, y in pool.map(call, range(64)):
+            assert_matches(y, x, w, None, padding=1)

@@ -634,14 +634,14 @@ def test_sizes_that_would_overflow_are_refused(overrides, match, no_device_work)
 
 
 def test_a_problem_bigger_than_the_free_host_memory_is_refused(no_device_work, monkeypatch):
-    # On a CPU device the result's host copy comes on top of the device's buffers.
+    # On a CPU device the operands and the result are host memory.
     info = clconv.device_info(clconv.queue_for().device)
     if not info.is_cpu:
         pytest.skip("the host-memory check applies to CPU devices")
     monkeypatch.setattr(clconv.limits, "host_memory_available", lambda: 300 * 2**20)
     x = np.broadcast_to(F32(0), (1, 1, 8192, 8192))          # 256 MiB, no memory used
-    with pytest.raises(ValueError, match=r"\(768 MiB\) exceed the host memory free now "
-                                         r"\(300 MiB\)"):
+    with pytest.raises(ValueError, match=r"together \(512 MiB\) exceed the host memory free "
+                                         r"now \(300 MiB\)"):
         clconv.conv2d(x, np.ones((1, 1, 1, 1), F32))
 
 

@@ -227,9 +227,10 @@ class LRUTable(OrderedDict):
         self.maxsize = maxsize
 
     def get(self, key, default=None):
-        if key not in self:
+        try:
+            self.move_to_end(key)       # a hit: two look-ups of the key in all
+        except KeyError:
             return default
-        self.move_to_end(key)
         return self[key]
 
     def __setitem__(self, key, value):

@@ -140,6 +140,21 @@ def with_scratch(first, then, scratch_elements, dtype):
     return run
 
 
+# sum_splits: the partial sums (acc_t), then the output.
+SUM_SPLITS_ARGS = (Buffer("partial", "acc_t", offset=False), Buffer("out", const=False))
+
+
+def summed_splits(queue, main, splits, count, dtype, idx_t):
+    """run(): main as it is for one split; else main writes `splits` partial sums of count
+    values each (acc_t scratch) and sum_splits adds them up in a fixed order."""
+    if splits == 1:
+        return main
+    total = build_step(queue, "sum_splits.cl.mako", "sum_splits",
+                       dict(dtype=dtype, idx_t=idx_t, count=count, splits=splits),
+                       SUM_SPLITS_ARGS, lambda batch: (count,))
+    return with_scratch(main, total, lambda batch: splits * count, dtype)
+
+
 def scratch_buffer(queue, elements, itemsize):
     """A device buffer for intermediate results between a launch's kernels."""
     return cl.Buffer(queue.context, cl.mem_flags.READ_WRITE, max(1, elements) * itemsize)

@@ -6,8 +6,7 @@ from __future__ import annotations
 from .. import programs
 from ..problem import INT32_LIMIT
 from ..capabilities import of_info
-from .base import BATCH, Blocks, Buffer, build_step, with_scratch
-from .weight_grad_gemm import SUM_SPLITS_ARGS
+from .base import BATCH, Blocks, Buffer, build_step, summed_splits
 
 def splits_for(info, batch, channels):
     """Shares of the batch summed apart: enough independent sums to fill the device."""
@@ -37,8 +36,4 @@ def launcher(queue, constants):
 
     def main(queue, inputs, output, batch, wait_for):
         return [sums(queue, batch, *inputs[0], output[0], batch, wait_for=wait_for)]
-    if splits == 1:
-        return main
-    total = build_step(queue, "sum_splits.cl.mako", "sum_splits",
-                       dict(constants, count=channels), SUM_SPLITS_ARGS, lambda b: (channels,))
-    return with_scratch(main, total, lambda b: splits * channels, constants["dtype"])
+    return summed_splits(queue, main, splits, channels, constants["dtype"], constants["idx_t"])

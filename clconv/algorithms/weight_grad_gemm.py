@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from .. import programs
 from ..capabilities import of_info
 from ..problem import INT32_LIMIT
-from .base import (Algorithm, Blocks, Buffer, Param, acc_itemsize, build_step, channel_blocks,
-                   even_split, fitting_work_group, index_type, operation_args, with_scratch,
+from .base import (Algorithm, Blocks, Param, acc_itemsize, channel_blocks, even_split,
+                   fitting_work_group, index_type, operation_args, summed_splits,
                    work_group_problem)
 from .direct import (VECTOR_WIDTHS, geometry, gradient_row_lanes, row_width,
                      vector_width_problem)
@@ -36,8 +36,6 @@ SHARE_PARAMS = (
     Param("lx", (1, 2, 4, 8, 16, 32), "work-group size along column blocks"),
     Param("ly", (1, 2, 4, 8), "work-group size along output-channel blocks"),
 )
-# sum_splits: the partial sums (acc_t), then the output.
-SUM_SPLITS_ARGS = (Buffer("partial", "acc_t", offset=False), Buffer("out", const=False))
 
 
 @dataclass(frozen=True)
@@ -204,12 +202,6 @@ class WeightGradGemm(Algorithm):
 
 
 def splits_launcher(problem, queue, splits, main):
-    """run(): main as it is for one split; else main writes each split's partial sums (acc_t
-    scratch) and sum_splits adds them up in a fixed order."""
-    if splits == 1:
-        return main
-    count = problem.out_channels * columns(problem)
-    total = build_step(queue, "sum_splits.cl.mako", "sum_splits",
-                       dict(dtype=problem.dtype, idx_t=index_type(problem), count=count,
-                            splits=splits), SUM_SPLITS_ARGS, lambda batch: (count,))
-    return with_scratch(main, total, lambda batch: splits * count, problem.dtype)
+    """run(): main, its split partial sums of the weight gradient added up (summed_splits)."""
+    return summed_splits(queue, main, splits, problem.out_channels * columns(problem),
+                         problem.dtype, index_type(problem))

@@ -79,12 +79,14 @@ def to_host(queue, buffer, a, wait_for):
     mapped.base.release(queue).wait()
 
 
-def operand(queue, a):
+def operand(queue, a, in_place=False):
     """(buffer, element offset, owner) of a on queue's context; owner keeps it alive (a
-    device array, or the NumPy array whose memory the buffer is)."""
+    device array, or the NumPy array whose memory the buffer is). in_place: a NumPy array
+    may be used in place (host_buffer), for a caller that waits for every kernel reading it
+    before it lets go of owner; else it is copied to the device."""
     if not is_device_array(a):
         a = np.ascontiguousarray(a)
-        if a.size and shares_host_memory(queue):
+        if a.size and in_place:
             return host_buffer(queue, a, cl.mem_flags.READ_ONLY), 0, a
         a = cl_array.to_device(queue, a)
     elif a.context != queue.context:

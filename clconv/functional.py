@@ -87,10 +87,13 @@ def launch_into(make_launch, queue, operands, out_shape, dtype, batch):
     on_device = arrays.is_device_array(operands[0])
     if 0 in out_shape:
         return arrays.empty(queue, out_shape, dtype) if on_device else np.empty(out_shape, dtype)
-    inputs = [arrays.operand(queue, a) for a in operands if a is not None]
+    # NumPy operands are used in place only by a call that waits for its result (a NumPy
+    # one): a device result returns at once, while kernels may still read them.
+    in_place = not on_device and arrays.shares_host_memory(queue)
+    inputs = [arrays.operand(queue, a, in_place) for a in operands if a is not None]
     waits = [e for _, _, a in inputs if arrays.is_device_array(a) for e in a.events]
     pairs = [pair[:2] for pair in inputs]
-    if not on_device and arrays.shares_host_memory(queue):
+    if in_place:
         y = np.empty(out_shape, dtype)
         y_buffer = arrays.host_buffer(queue, y, cl.mem_flags.READ_WRITE)
         events = make_launch()(queue, pairs, (y_buffer, 0), batch, wait_for=waits or None)

@@ -1,5 +1,6 @@
 """clconv: torch.nn.Conv2d, exactly, on every OpenCL device."""
 from .version import __version__
+from .algorithms.base import release_scratch
 from .autotune import tune
 from .capabilities import device_info
 from .device import ForkedProcessError, NoDeviceError, choose_device, queue_for
@@ -15,5 +16,5 @@ from .store import TuningCacheWarning
 __all__ = ["Conv2d", "conv2d", "conv2d_input_grad", "conv2d_weight_grad", "conv2d_bias_grad",
            "Problem", "tune", "set_tune_mode", "use_algorithm", "allow_winograd",
            "set_allow_winograd", "winograd_allowed", "NoDeviceError", "ForkedProcessError",
-           "BuildError",
+           "BuildError", "release_scratch",
            "TuningCacheWarning", "choose_device", "device_info", "queue_for", "__version__"]

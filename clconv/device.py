@@ -152,6 +152,17 @@ def choose_device(name=None):
 
 
 _queues = {}
+_defaults = {}      # the chosen device per (CLCONV_DEVICE, PYOPENCL_CTX)
+
+
+def _default_device():
+    """choose_device(), remembered per setting of the variables it reads: a call made
+    without a queue need not list the platforms (10 µs) again."""
+    key = (os.environ.get("CLCONV_DEVICE"), os.environ.get("PYOPENCL_CTX"))
+    device = _defaults.get(key)
+    if device is None:
+        device = _defaults[key] = choose_device()
+    return device
 
 
 def queue_for(device=None, queue=None):
@@ -161,7 +172,9 @@ def queue_for(device=None, queue=None):
         if not isinstance(queue, cl.CommandQueue):
             raise TypeError(f"queue must be a pyopencl.CommandQueue, got {type(queue).__name__}")
         return queue
-    if device is None or isinstance(device, str):
+    if device is None:
+        device = _default_device()
+    elif isinstance(device, str):
         device = choose_device(device)
     elif not isinstance(device, cl.Device):
         raise TypeError("device must be a pyopencl.Device or a name substring, got "

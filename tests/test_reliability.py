@@ -167,3 +167,75 @@ def test_numpy_operands_in_place_any_alignment_layout_and_under_threads(queue):
     with ThreadPoolExecutor(8) as pool:
         for x, y in pool.map(call, range(64)):
             assert_matches(y, x, w, None, padding=1)
+
+
+def test_a_numpy_operand_of_a_device_call_may_be_freed_at_once(queue):
+    """A call with a device input returns before its kernels finish: a NumPy weight passed as
+    a temporary must be copied, not used in place (its memory, freed and refilled at once,
+    corrupted every result before)."""
+    import pyopencl.array as cl_array
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((4, 32, 40, 40)).astype(np.float32)
+    w = rng.standard_normal((32, 32, 3, 3)).astype(np.float32)
+    x_device = cl_array.to_device(queue, x)
+    for _ in range(5):
+        y = clconv.conv2d(x_device, w.copy(), padding=1)      # the copy goes at once
+        junk = [np.full(w.shape, np.nan, np.float32) for _ in range(20)]  # noqa: F841
+        assert_matches(y.get(), x, w, None, padding=1)
+
+
+def test_scratch_buffers_are_reused_and_safe_under_threads(queue):
+    """Staging and split-sum scratch buffers are kept per queue and reused by later calls;
+    eight threads sharing the queue, each with other problems and batch sizes (so with
+    scratch of other sizes), all get the reference's results."""
+    from concurrent.futures import ThreadPoolExecutor
+    from clconv.algorithms import base
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(7)
+    w = rng.standard_normal((8, 4, 3, 3)).astype(np.float32)
+    x = rng.standard_normal((2, 4, 9, 11)).astype(np.float32)
+    clconv.conv2d(x, w, padding=1, queue=queue)        # zero padding: the input is staged
+    kept = dict(base._scratch_of(queue).buffers)
+    assert kept, "a staged call keeps its scratch buffer"
+    clconv.conv2d(x, w, padding=1, queue=queue)
+    assert all(base._scratch_of(queue).buffers[role] is b for role, b in kept.items())
+
+    # Two shapes (kernels are built per shape), strided or not, of three batch sizes.
+    cases = [((1 + seed % 3, 4) + ((9, 11), (7, 10))[seed % 2], 1 + seed // 2 % 2)
+             for seed in range(48)]
+
+    def call(seed):
+        shape, stride = cases[seed]
+        r = np.random.default_rng(seed)
+        x = r.standard_normal(shape).astype(np.float32)
+        y = clconv.conv2d(x, w, padding=1, stride=stride, queue=queue)
+        dy = r.standard_normal(y.shape).astype(np.float32)
+        return x, dy, y, clconv.conv2d_weight_grad(x, w.shape, dy, padding=1, stride=stride,
+                                                   queue=queue)
+
+    with ThreadPoolExecutor(8) as pool:
+        for seed, (x, dy, y, dw) in enumerate(pool.map(call, range(48))):
+            stride = cases[seed][1]
+            assert_matches(y, x, w, None, padding=1, stride=stride)
+            expected = torch.nn.grad.conv2d_weight(torch.from_numpy(x), w.shape,
+                                                   torch.from_numpy(dy), padding=1,
+                                                   stride=stride).numpy()
+            np.testing.assert_allclose(dw, expected, rtol=1e-4, atol=1e-4)
+    base.release_scratch()
+    assert not base._scratch_of(queue).buffers
+
+
+def test_an_out_of_order_queue_gets_new_scratch_each_launch(queue):
+    import pyopencl as cl
+    from clconv.algorithms import base
+    ooo = cl.command_queue_properties.OUT_OF_ORDER_EXEC_MODE_ENABLE
+    if not queue.device.queue_properties & ooo:
+        pytest.skip("the device has no out-of-order queues")
+    other = cl.CommandQueue(queue.context, queue.device,
+                            properties=ooo | cl.command_queue_properties.PROFILING_ENABLE)
+    rng = np.random.default_rng(8)
+    w = rng.standard_normal((8, 4, 3, 3)).astype(np.float32)
+    for n in (1, 3):
+        x = rng.standard_normal((n, 4, 9, 11)).astype(np.float32)
+        assert_matches(clconv.conv2d(x, w, padding=1, queue=other), x, w, None, padding=1)
+    assert not base._scratch_of(other).buffers

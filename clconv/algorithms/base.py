@@ -20,6 +20,7 @@ The base class turns a configuration into a ready `Launch`.
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 
 import pyopencl as cl
@@ -85,7 +86,9 @@ class Launch:
         self.algorithm, self.config = algorithm, config
 
     def __call__(self, queue, inputs, output, batch, wait_for=None):
-        return self._run(queue, inputs, output, batch, wait_for)
+        # One launch's enqueues at a time per queue: its scratch buffers are the queue's.
+        with _scratch_of(queue).lock:
+            return self._run(queue, inputs, output, batch, wait_for)
 
     def timed(self, queue, inputs, output, batch):
         """Run once and wait; the device time in ms from the first kernel's start to the last
@@ -100,12 +103,25 @@ class Step:
 
     def __init__(self, kernel, items, local):
         self.kernel, self.items, self.local = kernel, items, local
+        self._sizes = {}        # the global size per batch: items() costs tens of µs
+
+    def global_size(self, batch):
+        size = self._sizes.get(batch)
+        if size is None:
+            items = self.items(batch)
+            size = items if self.local is None else tuple(round_up(n, l)
+                                                          for n, l in zip(items, self.local))
+            if len(self._sizes) >= STEP_SIZES_KEPT:
+                self._sizes.clear()
+            self._sizes[batch] = size
+        return size
 
     def __call__(self, queue, batch, *args, wait_for=None):
-        items = self.items(batch)
-        size = items if self.local is None else tuple(round_up(n, l)
-                                                      for n, l in zip(items, self.local))
-        return self.kernel(queue, size, self.local, *args, wait_for=wait_for)
+        return self.kernel(queue, self.global_size(batch), self.local, *args,
+                           wait_for=wait_for)
+
+
+STEP_SIZES_KEPT = 64
 
 
 def build_step(queue, template, kernel_name, constants, args, items, local=None,
@@ -134,7 +150,7 @@ def with_scratch(first, then, scratch_elements, dtype):
     itemsize = acc_itemsize(dtype)
 
     def run(queue, inputs, output, batch, wait_for):
-        scratch = scratch_buffer(queue, scratch_elements(batch), itemsize)
+        scratch = scratch_buffer(queue, "partial", scratch_elements(batch), itemsize)
         events = first(queue, inputs, (scratch, 0), batch, wait_for)
         return events + [then(queue, batch, scratch, *output, wait_for=events)]
     return run
@@ -155,9 +171,53 @@ def summed_splits(queue, main, splits, count, dtype, idx_t):
     return with_scratch(main, total, lambda batch: splits * count, dtype)
 
 
-def scratch_buffer(queue, elements, itemsize):
-    """A device buffer for intermediate results between a launch's kernels."""
-    return cl.Buffer(queue.context, cl.mem_flags.READ_WRITE, max(1, elements) * itemsize)
+def scratch_buffer(queue, role, elements, itemsize):
+    """A device buffer of at least elements values for intermediate results between a
+    launch's kernels; role names its use, distinct among one launch's scratch buffers.
+
+    Kept per queue and role and handed to later launches (a new buffer per call costs an
+    allocation and, on a CPU device, the first touch of every page): on an in-order queue a
+    later launch's kernels start only once this one's have finished with it, and
+    Launch.__call__ holds the queue's lock so that threads sharing a queue cannot interleave
+    two launches' enqueues. An out-of-order queue gets a new buffer every time (OpenCL keeps
+    a released buffer until the kernels using it finish)."""
+    nbytes = max(1, elements) * itemsize
+    scratch = _scratch_of(queue)
+    buffer = scratch.buffers.get(role)
+    if buffer is None or buffer.size < nbytes:
+        buffer = cl.Buffer(queue.context, cl.mem_flags.READ_WRITE, nbytes)
+        if scratch.in_order:
+            scratch.buffers[role] = buffer
+    return buffer
+
+
+class _QueueScratch:
+    def __init__(self, queue):
+        # A reference of our own to the queue, so that its handle (the key) is not reused by
+        # a new queue while this entry lives; not the caller's object, which holds the
+        # context that keys the table.
+        self.queue = cl.CommandQueue.from_int_ptr(queue.int_ptr)
+        self.in_order = not (queue.properties
+                             & cl.command_queue_properties.OUT_OF_ORDER_EXEC_MODE_ENABLE)
+        self.lock = threading.RLock()
+        self.buffers = {}
+
+
+_scratch = programs.ContextMemo()
+
+
+def _scratch_of(queue):
+    table = _scratch.table(queue.context)
+    scratch = table.get(queue.int_ptr)
+    if scratch is None:
+        scratch = table[queue.int_ptr] = _QueueScratch(queue)
+    return scratch
+
+
+def release_scratch():
+    """Free the scratch buffers kept for later launches (each queue keeps, per use, the
+    largest one its launches needed so far)."""
+    _scratch.clear()
 
 
 # --- small shared rules --------------------------------------------------------------------

@@ -186,7 +186,8 @@ def staging_launcher(problem, queue, layout, main, planes=None, operand=0):
     itemsize = problem.numpy_dtype.itemsize
 
     def run(queue, inputs, output, batch, wait_for):
-        scratch = scratch_buffer(queue, layout.elements(batch, planes.channels), itemsize)
+        scratch = scratch_buffer(queue, f"staged{operand}",
+                                 layout.elements(batch, planes.channels), itemsize)
         first = stage(queue, batch, *inputs[operand], scratch, 0, batch, wait_for=wait_for)
         inputs = list(inputs)
         inputs[operand] = (scratch, 0)

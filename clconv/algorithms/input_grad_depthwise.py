@@ -69,7 +69,7 @@ class InputGradDepthwise(Algorithm):
                           lambda batch: (kh * kw, channels))
 
         def run(queue, inputs, output, batch, wait_for):
-            wf = scratch_buffer(queue, channels * kh * kw, itemsize)
+            wf = scratch_buffer(queue, "flipped", channels * kh * kw, itemsize)
             first = flip(queue, batch, *inputs[1], wf, wait_for=wait_for)
             return [first] + main(queue, [inputs[0], (wf, 0)], output, batch, [first])
         return run

@@ -144,7 +144,8 @@ class WeightGradChannels(Algorithm):
         itemsize = acc_itemsize(problem.dtype)
 
         def run(queue, inputs, output, batch, wait_for):
-            dyt = scratch_buffer(queue, layout.dyt_elements(batch, problem.groups), itemsize)
+            dyt = scratch_buffer(queue, "dyt", layout.dyt_elements(batch, problem.groups),
+                                 itemsize)
             first = transpose(queue, batch, *inputs[1], dyt, 0, batch, wait_for=wait_for)
             return [first] + main(queue, [inputs[0], (dyt, 0)], output, batch, [first])
         staged = staging_launcher(problem, queue, layout.grid, run)

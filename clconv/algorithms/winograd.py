@@ -183,8 +183,8 @@ class Winograd(Algorithm):
         itemsize = acc_itemsize(problem.dtype)
 
         def run(queue, operands_in, out, batch, wait_for):
-            u, v, m = (scratch_buffer(queue, n, itemsize)
-                       for n in shape.scratch_elements(batch))
+            u, v, m = (scratch_buffer(queue, role, n, itemsize)
+                       for role, n in zip("uvm", shape.scratch_elements(batch)))
             ppad, vplane, mplane = shape.ppad(batch), shape.vplane(batch), shape.mplane(batch)
             (x, w), extra = operands_in[:2], [a for pair in operands_in[2:] for a in pair]
             events = [weights(queue, batch, *w, u, 0, wait_for=wait_for),

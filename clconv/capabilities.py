@@ -301,6 +301,7 @@ def _run_child(index, checks):
             for line in proc.stdout:
                 lines.put(line)
         finally:
+            proc.stdout.close()     # at EOF: the child is gone (or killed)
             lines.put(None)
     threading.Thread(target=read, daemon=True).start()
     results, started, failure = {}, None, None

@@ -82,6 +82,7 @@ def cmd_bench(args):
         return 0
     _, ok = bench.main(queue, suite=args.suite, only=args.only, batch=args.batch,
                        repeats=args.repeats, with_torch=not args.no_torch,
+                       with_ort=not args.no_ort,
                        backward=args.backward, json_path=args.json)
     return 0 if ok else 1
 
@@ -109,6 +110,8 @@ def main(argv=None):
     bench.add_argument("--batch", type=positive_int, help="override every layer's batch size")
     bench.add_argument("--repeats", type=positive_int, default=10, help="timed runs per layer")
     bench.add_argument("--no-torch", action="store_true", help="skip the torch comparison")
+    bench.add_argument("--no-ort", action="store_true",
+                       help="skip the onnxruntime comparison (made when it is installed)")
     bench.add_argument("--backward", action="store_true",
                        help="also the input and weight gradients (torch: torch.nn.grad)")
     bench.add_argument("--peak", action="store_true",

@@ -105,10 +105,37 @@ def test_bench_json_holds_the_raw_numbers(tmp_path):
     data = json.loads(path.read_text())
     (row,) = data["rows"]
     assert row["name"] == "mbv2_dw3x3_960@7_b1" and row["ok"]
-    for key in ("untuned_ms", "ms", "e2e_ms", "gflops", "gbps", "share_of_peak"):
+    for key in ("untuned_ms", "profiled_ms", "ms", "e2e_ms", "gflops", "gbps", "share_of_peak",
+                "e2e_share"):
         assert row[key] > 0, key
     assert data["peak"]["gflops"] > 0
     (summary,) = data["summary"]
     assert summary["operation"] == "forward" and summary["layers"] == 1
     header = proc.stdout.splitlines()[1]
-    assert all(c in header for c in ("untuned", "tuned ms", "peak", "GB/s", "e2e ms"))
+    assert all(c in header for c in ("untuned", "profiled", " ms ", "peak", "GB/s", "e2e ms",
+                                     "e2e/dev"))
+
+
+def test_bench_compares_onnxruntime_on_the_same_convolution(queue):
+    """The onnxruntime column times ONNX's Conv of the row's own problem: its result is the
+    reference's (zero padding, strides, dilation, groups, bias), and it shows in the table."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from clconv import bench
+    from clconv.problem import make_problem
+    from clconv.reference import Check, test_case
+    problem, _ = make_problem((2, 6, 11, 13), "float32", (8, 3, 3, 2), "float32", (8,),
+                              "float32", (2, 1), (1, 2), (2, 1), 2, "zeros")
+    operands, _, reference = test_case(problem, "forward", np.random.default_rng(0))
+    y = bench.ort_conv(problem, "forward", operands)()
+    assert Check(problem, reference, *operands).error(y) <= 1e-4
+    reflect = make_problem((1, 2, 5, 5), "float32", (2, 2, 3, 3), "float32", None, None, 1, 1,
+                           1, 1, "reflect")[0]
+    assert bench.ort_conv(reflect, "forward", operands) is None
+    assert bench.ort_conv(problem, "input_grad", operands) is None
+    layer = {"name": "tiny", "batch": 1, "in_channels": 4, "out_channels": 8, "groups": 1,
+             "height": 8, "width": 8, "kernel_size": (3, 3), "stride": 1, "padding": 1,
+             "dilation": 1}
+    row = bench.bench_layer(layer, queue, 2, with_torch=False)
+    assert row.ok and row.ort_ms > 0 and row.ort_speedup > 0
+    assert "vs ort" in bench.format_table([row], ["ort"])

@@ -26,19 +26,29 @@
   parameters and state_dict keys, so checkpoints load unchanged).
 - `convert(model)`: swaps the nn.Conv2d modules of a model for `Conv2d` in place, keeping
   the Parameter objects, and fuses the activation that follows a convolution in an
-  nn.Sequential.
+  nn.Sequential; in eval mode it also returns a torch.fx graph of the model for inference,
+  BatchNorm folded into the convolutions and residual additions and activations fused into
+  their epilogues.
 
-Cost: tensors live in torch's (CPU) memory, so every call uploads its operands (input,
-weight, bias, residual; grad_output and the saved tensors in backward) to the OpenCL device
-and downloads its result once. For chains of convolutions that stay on the device, use the
-core API with pyopencl arrays: clconv.conv2d accepts and returns pyopencl.array.Array.
+Cost: tensors live in torch's (CPU) memory. On a device that computes in the host's memory
+(a CPU device) contiguous tensors are handed to the kernels in place and the result is
+written into a tensor's own memory (a channels_last tensor is made contiguous first, and
+its result laid out again: a copy each way); on other devices every call uploads its
+operands and downloads its result once. For chains of convolutions that stay on the device,
+use the core API with pyopencl arrays: clconv.conv2d accepts and returns
+pyopencl.array.Array.
 
 This module needs torch; the core package never imports it.
 """
 from __future__ import annotations
 
+import collections
+import operator
+import warnings
+
 try:
     import torch
+    import torch.fx
     import torch.nn.functional as F
     from torch import nn
     # Tensor.suggest_memory_format, which torch's convolution follows, has no public Python
@@ -324,24 +334,46 @@ def _swap(module, activation=None):
     return new
 
 
-def convert(model, fuse=True):
+def convert(model, fuse=True, fold_batchnorm=True):
     """Replace every torch.nn.Conv2d of model (recursively) by clconv.torch.Conv2d, in place,
     keeping the Parameter objects (an optimiser holding them keeps working) and the training
     flag; forward hooks of the replaced modules are not carried over. Returns the model (a new
-    module if model itself is an nn.Conv2d).
+    module if model itself is an nn.Conv2d), or in eval mode its fused graph (below).
 
     fuse: in an nn.Sequential (whose forward feeds each module's output only to the next), a
     convolution followed by nn.ReLU, nn.ReLU6, nn.SiLU or nn.GELU() (erf form) takes the
     activation into its kernel and the activation module becomes nn.Identity.
+
+    In eval mode (model.training False) with fuse, convert also traces the converted model
+    with torch.fx and returns a new torch.fx.GraphModule for inference, in which
+    - (fold_batchnorm) an eval-mode BatchNorm2d whose input is only a convolution's output
+      is folded into a copy of that convolution: weight * gamma / sqrt(var + eps) and bias
+      (bias - mean) * gamma / sqrt(var + eps) + beta, computed in float64 and rounded once
+      to the weight's dtype, so results differ from conv-then-BatchNorm by float rounding
+      (about 1e-6 relative in float32), not bitwise. Such a graph cannot be put back in
+      train mode (train() raises): convert the model in train mode to train it;
+    - a convolution's output used only by an addition (x + y, torch.add, +=) takes the other
+      operand as its fused residual, and an activation (module or function: relu, relu6,
+      silu, erf gelu) applied only to it, or to that sum, runs in the convolution's store.
+    The model itself is only converted in place (its BatchNorms and parameters untouched);
+    a model torch.fx cannot trace (data-dependent control flow) is returned as converted in
+    place, with a warning.
     """
     if _convertible(model):
         return _swap(model)
+    _convert_in_place(model, fuse)
+    if fuse and not model.training:
+        return _fused_graph(model, fold_batchnorm)
+    return model
+
+
+def _convert_in_place(model, fuse):
     children = list(model.named_children())
     sequential = (fuse and isinstance(model, nn.Sequential)
                   and type(model).forward is nn.Sequential.forward)
     for i, (name, child) in enumerate(children):
         if not _convertible(child):
-            convert(child, fuse)
+            _convert_in_place(child, fuse)
             continue
         activation = None
         if sequential and i + 1 < len(children):
@@ -350,4 +382,168 @@ def convert(model, fuse=True):
             if activation is not None:
                 setattr(model, next_name, nn.Identity())
         setattr(model, name, _swap(child, activation))
-    return model
+
+
+# --- the inference graph: BatchNorm folding, fused residuals and activations ------------
+
+class _Tracer(torch.fx.Tracer):
+    """torch.fx's tracer, with clconv's Conv2d a leaf (a call_module node) like nn.Conv2d."""
+
+    def is_leaf_module(self, module, qualified_name):
+        return isinstance(module, Conv2d) or super().is_leaf_module(module, qualified_name)
+
+
+_ACTIVATION_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", torch.relu_: "relu",
+                         F.relu6: "relu6", F.silu: "silu", F.gelu: "gelu"}
+_ACTIVATION_METHODS = {"relu": "relu", "relu_": "relu"}
+_ADDITIONS = {operator.add, operator.iadd, torch.add}
+
+
+def _fused_graph(model, fold_batchnorm):
+    try:
+        graph = _Tracer().trace(model)
+    except Exception as err:     # noqa: BLE001 - fx raises many kinds on untraceable code
+        warnings.warn(f"clconv.torch.convert: torch.fx cannot trace {type(model).__name__} "
+                      f"({type(err).__name__}: {err}); it is converted without BatchNorm "
+                      "folding and graph fusion", stacklevel=3)
+        return model
+    fused = torch.fx.GraphModule(model, graph, class_name=type(model).__name__)
+    rewrite = _GraphRewrite(fused)
+    folded = fold_batchnorm and rewrite.fold_batchnorms()
+    rewrite.fuse_epilogues()
+    graph.lint()
+    fused.recompile()
+    if folded:      # GraphModule gives each instance a class of its own
+        type(fused).train = _inference_only_train
+    return fused.eval()
+
+
+def _inference_only_train(self, mode=True):
+    if mode:
+        raise RuntimeError("clconv.torch.convert folded BatchNorm into this model's "
+                           "convolutions for inference; to train, convert the model in train "
+                           "mode (or with fold_batchnorm=False)")
+    return nn.Module.train(self, False)
+
+
+class _GraphRewrite:
+    """The rewrites of a traced, converted model's graph. Only a convolution module called
+    once in the graph, with no activation or residual yet, takes a BatchNorm, a residual or
+    an activation, and only when its output (or the sum) has no other use. The rewritten
+    convolutions are new modules in the GraphModule (sharing the Parameter objects where
+    nothing is folded), so the traced model's own modules never change."""
+
+    def __init__(self, module):
+        self.module, self.graph = module, module.graph
+        self.calls = collections.Counter(n.target for n in self.graph.nodes
+                                         if n.op == "call_module")
+
+    def _module(self, node):
+        return self.module.get_submodule(node.target) if node.op == "call_module" else None
+
+    def _bare_conv(self, node):
+        """The Conv2d node is a call of, if node is a convolution that may take more."""
+        module = self._module(node)
+        if (isinstance(module, Conv2d) and self.calls[node.target] == 1 and len(node.users) == 1
+                and module.activation is None and len(node.args) == 1 and not node.kwargs):
+            return module
+        return None
+
+    def _replace(self, node, module):
+        *parent, name = node.target.split(".")
+        setattr(self.module.get_submodule(".".join(parent)), name, module)
+
+    def fold_batchnorms(self):
+        """Fold each eval BatchNorm2d after a bare convolution; whether any was folded."""
+        folded = False
+        for node in list(self.graph.nodes):
+            bn = self._module(node)
+            if not (type(bn) is nn.BatchNorm2d and not bn.training
+                    and bn.running_mean is not None and len(node.args) == 1):
+                continue
+            conv_node = node.args[0]
+            conv = self._bare_conv(conv_node) if isinstance(conv_node, torch.fx.Node) else None
+            if conv is None:
+                continue
+            self._replace(conv_node, _folded(conv, bn))
+            node.replace_all_uses_with(conv_node)
+            self.graph.erase_node(node)
+            folded = True
+        return folded
+
+    def fuse_epilogues(self):
+        """Fuse residual additions and activations into the convolutions before them."""
+        for node in list(self.graph.nodes):
+            if node.graph is not self.graph:    # erased by an earlier fusion
+                continue
+            conv_node, residual = self._conv_and_residual(node)
+            if conv_node is None:
+                continue
+            last, activation = node, None
+            if len(node.users) == 1:
+                user = next(iter(node.users))
+                activation = self._activation(user)
+                last = user if activation else node
+            if residual is None and activation is None:
+                continue
+            conv = self.module.get_submodule(conv_node.target)
+            self._replace(conv_node, _swap(conv, activation))
+            with self.graph.inserting_before(last):
+                new = self.graph.call_module(
+                    conv_node.target, conv_node.args,
+                    {} if residual is None else {"residual": residual})
+            last.replace_all_uses_with(new)
+            for dead in dict.fromkeys([last, node, conv_node]):
+                self.graph.erase_node(dead)
+
+    def _conv_and_residual(self, node):
+        """(convolution node, residual node or None) when node is a bare convolution (then no
+        residual) or an addition of a bare convolution's output and another tensor."""
+        if self._bare_conv(node) is not None:
+            return node, None
+        if not (node.target in _ADDITIONS and node.op == "call_function"
+                or node.op == "call_method" and node.target in ("add", "add_")):
+            return None, None
+        if len(node.args) != 2 or node.kwargs:      # alpha= or out=: torch adds
+            return None, None
+        for conv_node, residual in (node.args, node.args[::-1]):
+            if (isinstance(conv_node, torch.fx.Node) and isinstance(residual, torch.fx.Node)
+                    and residual is not conv_node and self._bare_conv(conv_node) is not None):
+                return conv_node, residual
+        return None, None
+
+    def _activation(self, node):
+        """The name of the activation node applies to its one input, if fusable, else None."""
+        if node.op == "call_module":
+            return _fusable(self._module(node)) if len(node.args) == 1 else None
+        if node.op == "call_function" and node.target in _ACTIVATION_FUNCTIONS:
+            extra = dict(node.kwargs)
+            extra.pop("inplace", None)
+            if node.target is F.gelu and extra.pop("approximate", "none") != "none":
+                return None
+            return _ACTIVATION_FUNCTIONS[node.target] if len(node.args) == 1 and not extra \
+                else None
+        if node.op == "call_method" and node.target in _ACTIVATION_METHODS:
+            return _ACTIVATION_METHODS[node.target] if len(node.args) == 1 else None
+        return None
+
+
+def _folded(conv, bn):
+    """A copy of conv (no activation) computing bn(conv(x)) in eval mode."""
+    scale = bn.running_var.double().add(bn.eps).rsqrt()
+    if bn.weight is not None:
+        scale = scale * bn.weight.detach().double()
+    shift = -bn.running_mean.double() * scale
+    if conv.bias is not None:
+        shift = shift + conv.bias.detach().double() * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias.detach().double()
+    new = Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+                 padding=conv.padding, dilation=conv.dilation, groups=conv.groups, bias=True,
+                 padding_mode=conv.padding_mode, device=conv.weight.device,
+                 dtype=conv.weight.dtype)
+    dtype = conv.weight.dtype
+    with torch.no_grad():
+        new.weight.copy_((conv.weight.detach().double() * scale.view(-1, 1, 1, 1)).to(dtype))
+        new.bias.copy_(shift.to(dtype))
+    return new.eval()

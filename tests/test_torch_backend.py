@@ -199,13 +199,15 @@ def test_convert_keeps_parameters_and_state():
     state = {k: v.clone() for k, v in model.state_dict().items()}
     params = list(model.parameters())
     model.eval()
-    assert ct.convert(model) is model
+    graph = ct.convert(model)          # eval mode: the model in place, and a fused graph
+    assert isinstance(graph, torch.fx.GraphModule) and graph is not model
     assert list(model.parameters()) == params          # the very same Parameter objects
     assert all(a is b for a, b in zip(model.parameters(), params))
     assert model.state_dict().keys() == state.keys()
     for key, value in model.state_dict().items():
         assert torch.equal(value, state[key]), key
     assert not model[0].training
+    assert ct.convert(model.train()) is model           # train mode: in place only
 
 
 def test_convert_fuses_in_sequential_only():
@@ -226,7 +228,7 @@ def test_convert_fuses_in_sequential_only():
 
 
 def test_convert_without_fusion():
-    model = ct.convert(small_net(), fuse=False)
+    model = ct.convert(small_net().eval(), fuse=False)
     assert all(m.activation is None for m in model if isinstance(m, ct.Conv2d))
     assert type(model[1]) is nn.ReLU
 
@@ -241,7 +243,7 @@ def test_no_fusion_outside_sequential():
         def forward(self, x):
             return self.relu(self.conv(x)) + self.conv(x)
 
-    net = ct.convert(Net())
+    net = ct.convert(Net())       # train mode: no graph fusion either
     assert type(net.conv) is ct.Conv2d and net.conv.activation is None
     assert type(net.relu) is nn.ReLU
 
@@ -253,6 +255,131 @@ def test_convert_root_conv_and_nested():
     model = nn.ModuleDict({"a": nn.Sequential(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()))})
     ct.convert(model)
     assert model["a"][0][0].activation == "relu"
+
+
+# --- the inference graph of convert: BatchNorm folding, fused residuals ---------------
+
+def _randomise_batchnorms(model):
+    """Running statistics and affine parameters far from the identity, so a wrong fold shows."""
+    torch.manual_seed(11)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-1, 1)
+            module.running_var.uniform_(0.5, 2)
+            if module.affine:
+                module.weight.data.uniform_(0.5, 1.5)
+                module.bias.data.uniform_(-1, 1)
+    return model
+
+
+def bottleneck_net():
+    from _cases import load_example
+    example = load_example("train_step")
+    torch.manual_seed(10)
+    return _randomise_batchnorms(nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(inplace=True),
+        example.Bottleneck(8, 4, 2), example.Bottleneck(16, 4, 1),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5))).eval()
+
+
+def graph_calls(graph_module):
+    """(module type name, kwargs) of every call_module node, in order."""
+    return [(type(graph_module.get_submodule(n.target)).__name__, dict(n.kwargs))
+            for n in graph_module.graph.nodes if n.op == "call_module"]
+
+
+def test_eval_convert_folds_batchnorm_and_fuses_resnet_blocks():
+    reference = bottleneck_net()
+    model = copy.deepcopy(reference)
+    x = torch.randn(2, 3, 16, 16)
+    fused = ct.convert(model)
+    calls = graph_calls(fused)
+    assert [name for name, _ in calls] == ["Conv2d"] * 8 + ["AdaptiveAvgPool2d", "Flatten",
+                                                             "Linear"]
+    assert sum("residual" in kwargs for _, kwargs in calls) == 2     # both blocks' adds
+    convs = [fused.get_submodule(n.target) for n in fused.graph.nodes
+             if n.op == "call_module" and isinstance(fused.get_submodule(n.target), ct.Conv2d)]
+    # every convolution but the downsample (the residual of the sum) ends in its ReLU
+    assert [c.activation for c in convs] == ["relu"] * 3 + [None] + ["relu"] * 4
+    assert all(c.bias is not None for c in convs)                    # the folded shifts
+    with torch.no_grad():
+        expected = reference(x)
+        torch.testing.assert_close(fused(x), expected, rtol=1e-4, atol=1e-5)
+        # the model itself: converted in place, its BatchNorms and parameters untouched
+        assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == 8
+        torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-5)
+    for a, b in zip(model.state_dict().values(), reference.state_dict().values()):
+        assert torch.equal(a, b)
+    with pytest.raises(RuntimeError, match="folded BatchNorm.*train mode"):
+        fused.train()
+    assert not fused.eval().training
+
+
+def test_eval_convert_without_folding_keeps_batchnorm_and_trains():
+    reference = bottleneck_net()
+    fused = ct.convert(copy.deepcopy(reference), fold_batchnorm=False)
+    assert [name for name, _ in graph_calls(fused)].count("BatchNorm2d") == 8
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), reference(x), rtol=1e-4, atol=1e-5)
+    fused.train()               # nothing folded: training stays exact
+    reference.train()
+    torch.testing.assert_close(fused(x), reference(x), rtol=1e-4, atol=1e-5)
+
+
+class FusionRules(nn.Module):
+    """What may and may not be fused, each case once."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c, self.d = (nn.Conv2d(4, 4, 3, padding=1) for _ in range(4))
+        self.e, self.f, self.g, self.shared = (nn.Conv2d(4, 4, 3, padding=1) for _ in range(4))
+        self.train_bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        a = torch.add(x, self.a(x)).relu()                  # fused: residual first, method
+        b = F.gelu(self.b(a), approximate="tanh")           # not fused: tanh gelu
+        c = self.c(b)
+        c = c + c.mean()                                    # not fused: c used twice
+        d = torch.add(self.d(c), c, alpha=2)                # not fused: alpha
+        e = F.silu(self.e(d) + d)                           # fused: residual and silu
+        f = self.train_bn(self.f(e))                        # not folded: BatchNorm in train
+        g = self.shared(f) + self.shared(e)                 # not fused: one module twice
+        return F.relu6(self.g(g))                           # fused: function activation
+
+
+def test_eval_convert_fuses_only_what_is_exact():
+    torch.manual_seed(12)
+    reference = FusionRules().eval()
+    reference.train_bn.train()
+    model = copy.deepcopy(reference)
+    fused = ct.convert(model)
+    fused.train_bn.train()      # train() on the graph is allowed: nothing was folded
+    modules = dict(fused.named_modules())
+    assert [modules[k].activation for k in "abcdefg"] == ["relu", None, None, None, "silu",
+                                                          None, "relu6"]
+    kwargs = {n.target: dict(n.kwargs) for n in fused.graph.nodes if n.op == "call_module"}
+    assert "residual" in kwargs["a"] and "residual" in kwargs["e"]
+    assert not any(kwargs[k] for k in "bcdfg")
+    x = torch.randn(2, 4, 7, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), reference(x), rtol=1e-4, atol=1e-5)
+
+
+def test_untraceable_model_is_converted_in_place_with_a_warning():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            y = self.bn(self.conv(x))
+            return y if y.sum() > 0 else -y          # data-dependent: fx cannot trace
+
+    model = Branchy().eval()
+    with pytest.warns(UserWarning, match="cannot trace Branchy"):
+        assert ct.convert(model) is model
+    assert type(model.conv) is ct.Conv2d and type(model.bn) is nn.BatchNorm2d
 
 
 def test_activation_validation():
@@ -328,12 +455,13 @@ def test_jit_trace_follows_new_inputs():
 @pytest.mark.parametrize("grad", [False, True])
 def test_torch_compile_without_graph_breaks(grad):
     reference, model = inference_pair()
+    first = model.get_submodule("0")              # model: the fused GraphModule
     x = torch.randn(2, 3, 8, 8)
     residual = torch.randn(1, 8, 1, 1)            # broadcast: added by torch, in the graph
     with torch.set_grad_enabled(grad):
         assert torch._dynamo.explain(model)(x).graph_break_count == 0
         assert torch._dynamo.explain(ct.conv2d)(
-            x, model[0].weight, model[0].bias, padding=1, residual=residual,
+            x, first.weight, first.bias, padding=1, residual=residual,
             activation="relu").graph_break_count == 0
         compiled = torch.compile(model, backend="aot_eager")
         other = torch.randn(2, 3, 8, 8, requires_grad=grad)
@@ -345,7 +473,7 @@ def test_torch_compile_without_graph_breaks(grad):
         y.sum().backward()
         expected.sum().backward()
         torch.testing.assert_close(other.grad, other_reference.grad, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(model[0].weight.grad, reference[0].weight.grad,
+        torch.testing.assert_close(first.weight.grad, reference[0].weight.grad,
                                    rtol=1e-4, atol=1e-4)
 
 

@@ -80,8 +80,14 @@ def cmd_bench(args):
     if args.peak:
         print(peak.report(peak.measure(queue), device_info(queue.device).name))
         return 0
+    if args.models:
+        from . import bench_models
+        bench_models.main(queue, bench_models.parse_names(args.models),
+                          batches=(args.batch,) if args.batch else bench_models.BATCHES,
+                          size=args.size, repeats=args.repeats or 5, train=not args.no_train)
+        return 0
     _, ok = bench.main(queue, suite=args.suite, only=args.only, batch=args.batch,
-                       repeats=args.repeats, with_torch=not args.no_torch,
+                       repeats=args.repeats or 10, with_torch=not args.no_torch,
                        with_ort=not args.no_ort,
                        backward=args.backward, json_path=args.json)
     return 0 if ok else 1
@@ -108,7 +114,8 @@ def main(argv=None):
     bench.add_argument("--suite", help=SUITE_HELP)
     bench.add_argument("--only", help="only layers whose name contains this")
     bench.add_argument("--batch", type=positive_int, help="override every layer's batch size")
-    bench.add_argument("--repeats", type=positive_int, default=10, help="timed runs per layer")
+    bench.add_argument("--repeats", type=positive_int,
+                       help="timed runs per layer (default 10) or model (default 5)")
     bench.add_argument("--no-torch", action="store_true", help="skip the torch comparison")
     bench.add_argument("--no-ort", action="store_true",
                        help="skip the onnxruntime comparison (made when it is installed)")
@@ -118,6 +125,14 @@ def main(argv=None):
                        help="only measure the device's float32 FMA peak (the %% of peak column)")
     bench.add_argument("--json", metavar="FILE", help="also write the raw numbers as JSON")
     bench.add_argument("--winograd", action="store_true", help=WINOGRAD_HELP)
+    bench.add_argument("--models", metavar="NAMES",
+                       help="instead of layers, whole torchvision models converted against "
+                       "torch eager: comma-separated names or 'all' (resnet50, mobilenet_v2, "
+                       "efficientnet_b0, convnext_tiny); needs the models extra")
+    bench.add_argument("--size", type=positive_int, default=224,
+                       help="--models: image size in pixels (default 224)")
+    bench.add_argument("--no-train", action="store_true",
+                       help="--models: inference only, no training step")
     bench.set_defaults(func=cmd_bench)
     tune = sub.add_parser("tune", help="tune a layer suite for this device and remember it")
     tune.add_argument("--device", help="device name substring")

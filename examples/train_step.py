@@ -17,13 +17,13 @@ import argparse
 import copy
 import statistics
 import time
-from collections import defaultdict
 
 import torch
 from torch import nn
 
 import clconv
 import clconv.torch as cltorch
+from clconv.bench_models import CALLS, clconv_breakdown
 
 
 class Bottleneck(nn.Module):
@@ -71,33 +71,6 @@ def step(model, optimizer, x, target):
     loss.backward()
     optimizer.step()
     return loss.item()
-
-
-CALLS = ("conv2d", "conv2d_input_grad", "conv2d_weight_grad", "conv2d_bias_grad")
-
-
-def clconv_breakdown(run):
-    """(wall ms of run(), {clconv call: wall ms summed over the calls run() made})."""
-    totals = defaultdict(float)
-    saved = {name: getattr(clconv, name) for name in CALLS}
-
-    def timed(name, fn):
-        def call(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                totals[name] += (time.perf_counter() - start) * 1e3
-        return call
-    for name, fn in saved.items():
-        setattr(clconv, name, timed(name, fn))
-    try:
-        start = time.perf_counter()
-        run()
-        return (time.perf_counter() - start) * 1e3, dict(totals)
-    finally:
-        for name, fn in saved.items():
-            setattr(clconv, name, fn)
 
 
 def torch_conv_ms(run):

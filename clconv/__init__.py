@@ -1,6 +1,5 @@
 """clconv: torch.nn.Conv2d, exactly, on every OpenCL device."""
 from .version import __version__
-from .algorithms.base import release_scratch
 from .autotune import tune
 from .capabilities import device_info
 from .device import ForkedProcessError, NoDeviceError, choose_device, queue_for
@@ -11,6 +10,7 @@ from .options import allow_winograd, set_allow_winograd, set_tune_mode, winograd
 from .planner import use_algorithm
 from .problem import Problem
 from .programs import BuildError
+from .scratch import release as release_scratch
 from .store import TuningCacheWarning
 
 __all__ = ["Conv2d", "conv2d", "conv2d_input_grad", "conv2d_weight_grad", "conv2d_bias_grad",

@@ -1,7 +1,9 @@
 """Operands on the device: pyopencl arrays stay where they are; NumPy arrays are copied in,
 except on a device that computes in the host's memory (a CPU device: PoCL), where a buffer
 is made over the array's own memory (CL_MEM_USE_HOST_PTR: no copy) and a NumPy result is
-written in place, then mapped and unmapped so that the host sees it.
+written in place, then mapped and unmapped so that the host sees it. Elsewhere (a GPU) the
+copies go through pinned staging buffers kept per queue (clconv.scratch), which the driver
+copies from and to directly rather than through its own staging of pageable memory.
 
 An operand is handed to kernels as (buffer, offset in elements). A non-contiguous pyopencl
 array is first gathered into a contiguous one on the device, never through the host; a
@@ -13,7 +15,7 @@ import numpy as np
 import pyopencl as cl
 import pyopencl.array as cl_array
 
-from . import programs
+from . import programs, scratch
 from .device import queried_info
 
 WORD_TYPES = {1: "uchar", 2: "ushort", 4: "uint", 8: "ulong"}
@@ -79,16 +81,50 @@ def to_host(queue, buffer, a, wait_for):
     mapped.base.release(queue).wait()
 
 
-def operand(queue, a, in_place=False):
+def upload(queue, a, role):
+    """A device array with the values of the C-contiguous NumPy array a, copied through the
+    queue's pinned staging buffer for role. The copy out of staging is enqueued, not
+    waited for: the next use of the staging buffer maps it (blocking) after that copy on an
+    in-order queue; an out-of-order queue gets a plain copy."""
+    if not scratch.of(queue).in_order or not a.size:
+        return cl_array.to_device(queue, a)
+    out = empty(queue, a.shape, a.dtype)
+    with scratch.of(queue).lock:
+        staging = scratch.staging_buffer(queue, role, a.nbytes)
+        mapped, _ = cl.enqueue_map_buffer(queue, staging, cl.map_flags.WRITE, 0, a.shape,
+                                          a.dtype, is_blocking=True)
+        mapped[...] = a
+        mapped.base.release(queue)
+        out.add_event(cl.enqueue_copy(queue, out.base_data, staging, byte_count=a.nbytes))
+    return out
+
+
+def download(queue, y):
+    """A NumPy copy of the contiguous device array y, through the queue's pinned staging
+    buffer (waits for y)."""
+    if not scratch.of(queue).in_order or not y.size:
+        return y.get()
+    with scratch.of(queue).lock:
+        staging = scratch.staging_buffer(queue, "download", y.nbytes)
+        copied = cl.enqueue_copy(queue, staging, y.base_data, byte_count=y.nbytes,
+                                 wait_for=y.events)
+        mapped, _ = cl.enqueue_map_buffer(queue, staging, cl.map_flags.READ, 0, y.shape,
+                                          y.dtype, wait_for=[copied], is_blocking=True)
+        result = mapped.copy()
+        mapped.base.release(queue).wait()
+    return result
+
+
+def operand(queue, a, in_place=False, role="upload"):
     """(buffer, element offset, owner) of a on queue's context; owner keeps it alive (a
     device array, or the NumPy array whose memory the buffer is). in_place: a NumPy array
     may be used in place (host_buffer), for a caller that waits for every kernel reading it
-    before it lets go of owner; else it is copied to the device."""
+    before it lets go of owner; else it is uploaded through staging for role."""
     if not is_device_array(a):
         a = np.ascontiguousarray(a)
         if a.size and in_place:
             return host_buffer(queue, a, cl.mem_flags.READ_ONLY), 0, a
-        a = cl_array.to_device(queue, a)
+        a = upload(queue, a, role)
     elif a.context != queue.context:
         raise ValueError("a pyopencl array operand lives on another OpenCL context than the "
                          "convolution's queue")

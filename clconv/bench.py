@@ -327,6 +327,18 @@ def summary_line(s):
     return line
 
 
+# A layer whose kernels take microseconds: its times show what a call costs beyond them.
+SMALL_LAYER = {"name": "small 16->16 3x3 @14", "batch": 1, "in_channels": 16,
+               "out_channels": 16, "groups": 1, "height": 14, "width": 14,
+               "kernel_size": (3, 3), "stride": 1, "padding": 1, "dilation": 1}
+
+
+def overhead_line(r):
+    return (f"per call, {r.name} ({r.shape}): kernels {1e3 * r.profiled_ms:.0f} µs, device "
+            f"call {1e3 * r.ms:.0f} µs (pyopencl arrays, finished), end to end "
+            f"{1e3 * r.e2e_ms:.0f} µs (NumPy)")
+
+
 def main(queue, suite=None, only=None, batch=None, repeats=10, with_torch=True, out=sys.stdout,
          backward=False, json_path=None, with_ort=True):
     if type(repeats) is not int or repeats < 1:
@@ -371,13 +383,17 @@ def main(queue, suite=None, only=None, batch=None, repeats=10, with_torch=True, 
     summaries = [summarise(rows, operation, with_torch) for operation in operations]
     for s in summaries:
         print(summary_line(s), file=out)
-    failed = [r.name for r in rows if not r.ok]
+    small = bench_layer(SMALL_LAYER, queue, max(repeats, 20) * 10, with_torch=False,
+                        with_ort=False)
+    print(overhead_line(small), file=out)
+    failed = [r.name for r in rows + [small] if not r.ok]
     if failed:
         print(f"CHECK FAILED: {', '.join(failed)}", file=out)
     if json_path:
         record = {"device": {"name": info.name, "platform": info.platform,
                              "driver_version": info.driver_version},
-                  "torch": torch_version, "onnxruntime": ort_version, "repeats": repeats, "tuning_mode": options.tuning_mode(),
+                  "torch": torch_version, "onnxruntime": ort_version, "repeats": repeats,
+                  "tuning_mode": options.tuning_mode(),
                   "allow_winograd": options.allow_winograd(),
                   "peak": {"gflops": measured.gflops, "width": measured.width,
                            "chains": measured.chains},
@@ -385,7 +401,7 @@ def main(queue, suite=None, only=None, batch=None, repeats=10, with_torch=True, 
                                 share_of_peak=r.share_of_peak, vs_torch=r.speedup,
                                 e2e_vs_torch=r.e2e_speedup, e2e_share=r.e2e_share,
                                 vs_ort=r.ort_speedup) for r in rows],
-                  "summary": summaries}
+                  "summary": summaries, "small_layer": asdict(small)}
         with open(json_path, "w") as f:
             json.dump(record, f, indent=1)
         print(f"raw numbers written to {json_path}", file=out)

@@ -82,15 +82,15 @@ def launch_into(make_launch, queue, operands, out_shape, dtype, batch):
     """Run make_launch()'s launch on operands into a new output. operands: its inputs in
     order, NumPy or pyopencl arrays (None: absent, e.g. no bias). The result is a pyopencl
     array when the first operand is one, else NumPy (written in place where the device
-    shares the host's memory); an empty one needs no launch. Every operand stays referenced
-    here until the result is complete."""
+    shares the host's memory); an empty one needs no launch. A NumPy operand is used in
+    place only by a call that waits for its result, else uploaded before the call returns."""
     on_device = arrays.is_device_array(operands[0])
     if 0 in out_shape:
         return arrays.empty(queue, out_shape, dtype) if on_device else np.empty(out_shape, dtype)
-    # NumPy operands are used in place only by a call that waits for its result (a NumPy
-    # one): a device result returns at once, while kernels may still read them.
+    # A device result returns at once, while kernels may still read the operands.
     in_place = not on_device and arrays.shares_host_memory(queue)
-    inputs = [arrays.operand(queue, a, in_place) for a in operands if a is not None]
+    inputs = [arrays.operand(queue, a, in_place, f"upload{i}")
+              for i, a in enumerate(operands) if a is not None]
     waits = [e for _, _, a in inputs if arrays.is_device_array(a) for e in a.events]
     pairs = [pair[:2] for pair in inputs]
     if in_place:
@@ -102,4 +102,4 @@ def launch_into(make_launch, queue, operands, out_shape, dtype, batch):
     y = arrays.empty(queue, out_shape, dtype)
     events = make_launch()(queue, pairs, (y.base_data, 0), batch, wait_for=waits or None)
     y.add_event(events[-1])
-    return y if on_device else y.get()
+    return y if on_device else arrays.download(queue, y)

@@ -189,9 +189,46 @@ def _out_size(size, total_pad, k, d, s):
     return (size + total_pad - d * (k - 1) - 1) // s + 1
 
 
-def make_problem(input_shape, input_dtype, weight_shape, weight_dtype, bias_shape, bias_dtype,
-                 stride, padding, dilation, groups, padding_mode):
-    """Check a call of conv2d by its arrays' shapes and dtypes; return (Problem, unbatched)."""
+def make_problem(*args):
+    """make_problem(input_shape, input_dtype, weight_shape, weight_dtype, bias_shape,
+    bias_dtype, stride, padding, dilation, groups, padding_mode): check a call of conv2d by
+    its arrays' shapes and dtypes; return (Problem, unbatched). A call with the arguments of
+    an earlier valid one (the same values of the same types) is a dict look-up."""
+    key = _memo_key(args)
+    found = _problems.get(key) if key is not None else None
+    if found is None:
+        found = _checked_problem(*args)
+        if key is not None:
+            if len(_problems) >= PROBLEMS_KEPT:
+                _problems.clear()
+            _problems[key] = found
+    return found
+
+
+PROBLEMS_KEPT = 4096
+_problems = {}
+_EXACT = (int, str, type(None))
+
+
+def _memo_key(args):
+    """args with each value's type, or None if one is not a plain int, str, None, tuple or
+    list of ints, or NumPy dtype (anything else, e.g. a float stride that must be refused, or
+    a torch dtype, takes the full check every time)."""
+    key = []
+    for a in args:
+        kind = type(a)
+        if kind in (tuple, list):
+            if not all(type(v) is int for v in a):
+                return None
+            a = tuple(a)
+        elif kind not in _EXACT and not isinstance(a, np.dtype):
+            return None
+        key.append((kind, a))
+    return tuple(key)
+
+
+def _checked_problem(input_shape, input_dtype, weight_shape, weight_dtype, bias_shape,
+                     bias_dtype, stride, padding, dilation, groups, padding_mode):
     input_shape = tuple(input_shape)
     if len(input_shape) not in (3, 4):
         raise ValueError("input must be 3-D (C, H, W) unbatched or 4-D (N, C, H, W) batched, "

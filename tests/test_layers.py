@@ -13,14 +13,15 @@ PACKAGE = Path(__file__).resolve().parents[1] / "clconv"
 LAYERS = {
     "clconv.version": 0, "clconv.problem": 0, "clconv.device": 0, "clconv.paths": 0,
     "clconv.options": 0, "clconv.reference": 0, "clconv.limits": 0.5,
-    "clconv.programs": 1, "clconv.suites": 1, "clconv.arrays": 1.5, "clconv.capabilities": 1.5,
+    "clconv.programs": 1, "clconv.suites": 1, "clconv.scratch": 1.2, "clconv.arrays": 1.5,
+    "clconv.capabilities": 1.5,
     "clconv.algorithms": 2, "clconv.peak": 2,     # and every clconv.algorithms.*: see layer()
     "clconv.store": 3,
     "clconv.search": 4,
     "clconv.planner": 5,
     "clconv.functional": 6, "clconv.gradients": 6.5, "clconv.module": 6.5,
-    "clconv.autotune": 7, "clconv.bench": 7.1, "clconv.tune_suite": 7.2, "clconv.cli": 7.3,
-    "clconv.__main__": 7.4, "clconv": 7.5, "clconv.torch": 7.6,
+    "clconv.autotune": 7, "clconv.bench": 7.1, "clconv.tune_suite": 7.2, "clconv": 7.5,
+    "clconv.torch": 7.6, "clconv.bench_models": 7.7, "clconv.cli": 7.8, "clconv.__main__": 7.9,
 }
 
 

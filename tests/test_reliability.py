@@ -189,16 +189,16 @@ def test_scratch_buffers_are_reused_and_safe_under_threads(queue):
     eight threads sharing the queue, each with other problems and batch sizes (so with
     scratch of other sizes), all get the reference's results."""
     from concurrent.futures import ThreadPoolExecutor
-    from clconv.algorithms import base
+    from clconv import scratch
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(7)
     w = rng.standard_normal((8, 4, 3, 3)).astype(np.float32)
     x = rng.standard_normal((2, 4, 9, 11)).astype(np.float32)
     clconv.conv2d(x, w, padding=1, queue=queue)        # zero padding: the input is staged
-    kept = dict(base._scratch_of(queue).buffers)
+    kept = dict(scratch.of(queue).buffers)
     assert kept, "a staged call keeps its scratch buffer"
     clconv.conv2d(x, w, padding=1, queue=queue)
-    assert all(base._scratch_of(queue).buffers[role] is b for role, b in kept.items())
+    assert all(scratch.of(queue).buffers[role] is b for role, b in kept.items())
 
     # Two shapes (kernels are built per shape), strided or not, of three batch sizes.
     cases = [((1 + seed % 3, 4) + ((9, 11), (7, 10))[seed % 2], 1 + seed // 2 % 2)
@@ -221,13 +221,13 @@ def test_scratch_buffers_are_reused_and_safe_under_threads(queue):
                                                    torch.from_numpy(dy), padding=1,
                                                    stride=stride).numpy()
             np.testing.assert_allclose(dw, expected, rtol=1e-4, atol=1e-4)
-    base.release_scratch()
-    assert not base._scratch_of(queue).buffers
+    clconv.release_scratch()
+    assert not scratch.of(queue).buffers
 
 
 def test_an_out_of_order_queue_gets_new_scratch_each_launch(queue):
     import pyopencl as cl
-    from clconv.algorithms import base
+    from clconv import scratch
     ooo = cl.command_queue_properties.OUT_OF_ORDER_EXEC_MODE_ENABLE
     if not queue.device.queue_properties & ooo:
         pytest.skip("the device has no out-of-order queues")
@@ -238,4 +238,39 @@ def test_an_out_of_order_queue_gets_new_scratch_each_launch(queue):
     for n in (1, 3):
         x = rng.standard_normal((n, 4, 9, 11)).astype(np.float32)
         assert_matches(clconv.conv2d(x, w, padding=1, queue=other), x, w, None, padding=1)
-    assert not base._scratch_of(other).buffers
+    assert not scratch.of(other).buffers
+
+
+def test_copies_through_pinned_staging_where_memory_is_not_shared(queue, monkeypatch):
+    """On a device with memory of its own (a GPU), NumPy operands and results go through the
+    queue's pinned staging buffers, reused call after call: forced here on the CPU device,
+    eight threads at once, forward and both gradients all give torch's results."""
+    from concurrent.futures import ThreadPoolExecutor
+    from clconv import arrays, scratch
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(arrays, "shares_host_memory", lambda queue: False)
+    w = np.random.default_rng(9).standard_normal((6, 4, 3, 3)).astype(np.float32)
+
+    def call(seed):
+        r = np.random.default_rng(seed)
+        x = r.standard_normal((1 + seed % 3, 4, 9, 11)).astype(np.float32)
+        dy = r.standard_normal((x.shape[0], 6, 9, 11)).astype(np.float32)
+        return (x, dy, clconv.conv2d(x, w, padding=1, queue=queue),
+                clconv.conv2d_input_grad(x.shape, w, dy, padding=1, queue=queue),
+                clconv.conv2d_weight_grad(x, w.shape, dy, padding=1, queue=queue))
+
+    with ThreadPoolExecutor(8) as pool:
+        for x, dy, y, dx, dw in pool.map(call, range(32)):
+            tx, tw, tdy = (torch.from_numpy(a) for a in (x, w, dy))
+            assert_matches(y, x, w, None, padding=1)
+            np.testing.assert_allclose(dx, torch.nn.grad.conv2d_input(x.shape, tw, tdy,
+                                                                      padding=1).numpy(),
+                                       rtol=1e-4, atol=1e-4)
+            np.testing.assert_allclose(dw, torch.nn.grad.conv2d_weight(tx, w.shape, tdy,
+                                                                       padding=1).numpy(),
+                                       rtol=1e-4, atol=1e-4)
+    kept = scratch.of(queue).buffers
+    assert {"upload0", "upload1", "download"} <= set(kept)
+    staged = kept["upload0"]
+    clconv.conv2d(np.ones((1, 4, 9, 11), np.float32), w, padding=1, queue=queue)
+    assert scratch.of(queue).buffers["upload0"] is staged        # reused

@@ -648,3 +648,23 @@ def test_a_problem_bigger_than_the_free_host_memory_is_refused(no_device_work, m
 def test_host_memory_available_reads_a_number():
     free = clconv.limits.host_memory_available()
     assert free is None or free > 0
+
+
+def test_a_remembered_problem_never_admits_another_type():
+    """make_problem remembers valid calls by value and type: after stride=1 and padding=(1, 1)
+    were accepted, stride=1.0, padding=(1.0, 1) and a float32 weight for a float64 input
+    are still refused, and a list padding equals the tuple's problem."""
+    from clconv.problem import make_problem
+    args = [(1, 2, 5, 5), np.dtype("float32"), (3, 2, 3, 3), np.dtype("float32"), None, None,
+            1, (1, 1), 1, 1, "zeros"]
+    problem, _ = make_problem(*args)
+    assert make_problem(*args)[0] is problem
+    for index, bad, error in ((6, 1.0, TypeError), (7, (1.0, 1), TypeError),
+                              (1, np.dtype("float64"), TypeError), (10, "zero", ValueError)):
+        changed = list(args)
+        changed[index] = bad
+        with pytest.raises(error):
+            make_problem(*changed)
+    listed = list(args)
+    listed[7] = [1, 1]
+    assert make_problem(*listed)[0] == problem

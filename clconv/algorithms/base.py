@@ -20,12 +20,11 @@ The base class turns a configuration into a ready `Launch`.
 from __future__ import annotations
 
 import math
-import threading
 from dataclasses import dataclass
 
 import pyopencl as cl
 
-from .. import programs
+from .. import programs, scratch
 from ..capabilities import device_info
 from ..problem import INT32_LIMIT, PADDING_MODES
 from ..programs import Buffer, Scalar, acc_itemsize
@@ -87,7 +86,7 @@ class Launch:
 
     def __call__(self, queue, inputs, output, batch, wait_for=None):
         # One launch's enqueues at a time per queue: its scratch buffers are the queue's.
-        with _scratch_of(queue).lock:
+        with scratch.of(queue).lock:
             return self._run(queue, inputs, output, batch, wait_for)
 
     def timed(self, queue, inputs, output, batch):
@@ -173,51 +172,9 @@ def summed_splits(queue, main, splits, count, dtype, idx_t):
 
 def scratch_buffer(queue, role, elements, itemsize):
     """A device buffer of at least elements values for intermediate results between a
-    launch's kernels; role names its use, distinct among one launch's scratch buffers.
-
-    Kept per queue and role and handed to later launches (a new buffer per call costs an
-    allocation and, on a CPU device, the first touch of every page): on an in-order queue a
-    later launch's kernels start only once this one's have finished with it, and
-    Launch.__call__ holds the queue's lock so that threads sharing a queue cannot interleave
-    two launches' enqueues. An out-of-order queue gets a new buffer every time (OpenCL keeps
-    a released buffer until the kernels using it finish)."""
-    nbytes = max(1, elements) * itemsize
-    scratch = _scratch_of(queue)
-    buffer = scratch.buffers.get(role)
-    if buffer is None or buffer.size < nbytes:
-        buffer = cl.Buffer(queue.context, cl.mem_flags.READ_WRITE, nbytes)
-        if scratch.in_order:
-            scratch.buffers[role] = buffer
-    return buffer
-
-
-class _QueueScratch:
-    def __init__(self, queue):
-        # A reference of our own to the queue, so that its handle (the key) is not reused by
-        # a new queue while this entry lives; not the caller's object, which holds the
-        # context that keys the table.
-        self.queue = cl.CommandQueue.from_int_ptr(queue.int_ptr)
-        self.in_order = not (queue.properties
-                             & cl.command_queue_properties.OUT_OF_ORDER_EXEC_MODE_ENABLE)
-        self.lock = threading.RLock()
-        self.buffers = {}
-
-
-_scratch = programs.ContextMemo()
-
-
-def _scratch_of(queue):
-    table = _scratch.table(queue.context)
-    scratch = table.get(queue.int_ptr)
-    if scratch is None:
-        scratch = table[queue.int_ptr] = _QueueScratch(queue)
-    return scratch
-
-
-def release_scratch():
-    """Free the scratch buffers kept for later launches (each queue keeps, per use, the
-    largest one its launches needed so far)."""
-    _scratch.clear()
+    launch's kernels; role names its use, distinct among one launch's scratch buffers. Kept
+    per queue and reused by later launches (clconv.scratch)."""
+    return scratch.device_buffer(queue, role, max(1, elements) * itemsize)
 
 
 # --- small shared rules --------------------------------------------------------------------

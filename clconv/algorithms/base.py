@@ -143,15 +143,15 @@ def build_step(queue, template, kernel_name, constants, args, items, local=None,
     return Step(kernel, items, local)
 
 
-def with_scratch(first, then, scratch_elements, dtype):
-    """run(): first writes into a scratch buffer of scratch_elements(batch) acc_t values,
-    then `then` (a Step on (scratch, output...)) turns it into the output."""
+def with_scratch(first, then, scratch_elements, dtype, role):
+    """run(): first writes into a scratch buffer (for role) of scratch_elements(batch) acc_t
+    values, then `then` (a Step on (scratch, output...)) turns it into the output."""
     itemsize = acc_itemsize(dtype)
 
     def run(queue, inputs, output, batch, wait_for):
-        scratch = scratch_buffer(queue, "partial", scratch_elements(batch), itemsize)
-        events = first(queue, inputs, (scratch, 0), batch, wait_for)
-        return events + [then(queue, batch, scratch, *output, wait_for=events)]
+        between = scratch_buffer(queue, role, scratch_elements(batch), itemsize)
+        events = first(queue, inputs, (between, 0), batch, wait_for)
+        return events + [then(queue, batch, between, *output, wait_for=events)]
     return run
 
 
@@ -167,7 +167,7 @@ def summed_splits(queue, main, splits, count, dtype, idx_t):
     total = build_step(queue, "sum_splits.cl.mako", "sum_splits",
                        dict(dtype=dtype, idx_t=idx_t, count=count, splits=splits),
                        SUM_SPLITS_ARGS, lambda batch: (count,))
-    return with_scratch(main, total, lambda batch: splits * count, dtype)
+    return with_scratch(main, total, lambda batch: splits * count, dtype, "partial sums")
 
 
 def scratch_buffer(queue, role, elements, itemsize):

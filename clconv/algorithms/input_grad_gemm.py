@@ -213,7 +213,7 @@ def fold_launcher(problem, queue, constants, main):
                                      batch * problem.in_channels))
     rows, cols = target(problem)[:2]
     return with_scratch(main, fold, lambda batch: batch * problem.in_channels * rows * cols,
-                        problem.dtype)
+                        problem.dtype, "padded dx")
 
 
 def target(problem):

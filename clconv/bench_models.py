@@ -180,6 +180,20 @@ def format_row(r):
     return line
 
 
+THREAD_SETTINGS = ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")
+
+
+def thread_note():
+    """The OpenMP settings this run has, or the advice to set one (README: Threads)."""
+    import os
+    found = [f"{name}={os.environ[name]}" for name in THREAD_SETTINGS if name in os.environ]
+    if found:
+        return "OpenMP: " + ", ".join(found)
+    return ("OpenMP: defaults (torch's idle threads spin for milliseconds after each "
+            "operator, slowing the converted model's convolutions; GOMP_SPINCOUNT=10000 "
+            "set before starting avoids it: README, Threads)")
+
+
 def main(queue, names, batches=BATCHES, size=SIZE, repeats=5, train=True, out=sys.stdout):
     """Benchmark the named torchvision models; the rows."""
     if torchvision_models() is None:
@@ -192,6 +206,7 @@ def main(queue, names, batches=BATCHES, size=SIZE, repeats=5, train=True, out=sy
           f"threads; float32, {size} px, untrained weights; {repeats} alternating calls each, "
           "best and median; vs torch: best over best (> 1: clconv faster); convs ms: "
           "clconv's calls in one converted training step, rest ms: the rest of it", file=out)
+    print(thread_note(), file=out)
     print(HEADER, file=out, flush=True)
     rows = []
     torch.manual_seed(0)

@@ -62,3 +62,11 @@ def test_cli_models_says_how_to_get_torchvision():
     assert proc.returncode == 2, proc.stderr
     assert "needs torchvision" in proc.stderr and "clconv[models]" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_the_table_names_the_openmp_setting(monkeypatch):
+    for name in bench_models.THREAD_SETTINGS:
+        monkeypatch.delenv(name, raising=False)
+    assert "GOMP_SPINCOUNT=10000" in bench_models.thread_note()       # the advice
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    assert bench_models.thread_note() == "OpenMP: OMP_WAIT_POLICY=PASSIVE"

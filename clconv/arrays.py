@@ -88,10 +88,11 @@ def upload(queue, a, role):
     queue's pinned staging buffer for role. The copy out of staging is enqueued, not
     waited for: the next use of the staging buffer maps it (blocking) after that copy on an
     in-order queue; an out-of-order queue gets a plain copy."""
-    if not scratch.of(queue).in_order or not a.size:
+    kept = scratch.of(queue)
+    if not kept.in_order or not a.size:
         return cl_array.to_device(queue, a)
     out = empty(queue, a.shape, a.dtype)
-    with scratch.of(queue).lock:
+    with kept.lock:
         staging = scratch.staging_buffer(queue, role, a.nbytes)
         mapped, _ = cl.enqueue_map_buffer(queue, staging, cl.map_flags.WRITE, 0, a.shape,
                                           a.dtype, is_blocking=True)
@@ -104,9 +105,10 @@ def upload(queue, a, role):
 def download(queue, y):
     """A NumPy copy of the contiguous device array y, through the queue's pinned staging
     buffer (waits for y)."""
-    if not scratch.of(queue).in_order or not y.size:
+    kept = scratch.of(queue)
+    if not kept.in_order or not y.size:
         return y.get()
-    with scratch.of(queue).lock:
+    with kept.lock:
         staging = scratch.staging_buffer(queue, "download", y.nbytes)
         copied = cl.enqueue_copy(queue, staging, y.base_data, byte_count=y.nbytes,
                                  wait_for=y.events)

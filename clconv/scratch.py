@@ -33,13 +33,14 @@ class QueueBuffers:
         self.buffers = {}
 
     def get(self, role, nbytes, flags):
-        """A buffer of at least nbytes for role (distinct among the buffers one launch or
-        copy uses at once)."""
-        buffer = self.buffers.get(role)
+        """A buffer of at least nbytes with flags for role (distinct among the buffers one
+        launch or copy uses at once); kept per (role, flags), so a staging buffer is never
+        handed out as device scratch or the other way round."""
+        buffer = self.buffers.get((role, flags))
         if buffer is None or buffer.size < nbytes:
             buffer = cl.Buffer(self.queue.context, flags, max(1, nbytes))
             if self.in_order:
-                self.buffers[role] = buffer
+                self.buffers[role, flags] = buffer
         return buffer
 
 

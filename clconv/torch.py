@@ -302,13 +302,18 @@ class Conv2d(nn.Conv2d):
     def from_torch(cls, module, activation=None):
         """A Conv2d with the configuration, training flag and a copy of the weights of a
         torch.nn.Conv2d."""
-        new = cls(module.in_channels, module.out_channels, module.kernel_size,
-                  stride=module.stride, padding=module.padding, dilation=module.dilation,
-                  groups=module.groups, bias=module.bias is not None,
-                  padding_mode=module.padding_mode, device=module.weight.device,
-                  dtype=module.weight.dtype, activation=activation)
+        new = cls.like(module, module.bias is not None, activation)
         new.load_state_dict(module.state_dict())
         return new.train(module.training)
+
+    @classmethod
+    def like(cls, module, bias, activation=None):
+        """A new Conv2d (fresh parameters) with module's configuration, device and dtype."""
+        return cls(module.in_channels, module.out_channels, module.kernel_size,
+                   stride=module.stride, padding=module.padding, dilation=module.dilation,
+                   groups=module.groups, bias=bias, padding_mode=module.padding_mode,
+                   device=module.weight.device, dtype=module.weight.dtype,
+                   activation=activation)
 
 
 # Activation modules that convert() fuses into the convolution before them.
@@ -442,7 +447,8 @@ class _GraphRewrite:
         return self.module.get_submodule(node.target) if node.op == "call_module" else None
 
     def _bare_conv(self, node):
-        """The Conv2d node is a call of, if node is a convolution that may take more."""
+        """The Conv2d that node calls, if node is a convolution that may take more (called
+        once, its output used once, no activation or residual yet), else None."""
         module = self._module(node)
         if (isinstance(module, Conv2d) and self.calls[node.target] == 1 and len(node.users) == 1
                 and module.activation is None and len(node.args) == 1 and not node.kwargs):
@@ -538,10 +544,7 @@ def _folded(conv, bn):
         shift = shift + conv.bias.detach().double() * scale
     if bn.bias is not None:
         shift = shift + bn.bias.detach().double()
-    new = Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
-                 padding=conv.padding, dilation=conv.dilation, groups=conv.groups, bias=True,
-                 padding_mode=conv.padding_mode, device=conv.weight.device,
-                 dtype=conv.weight.dtype)
+    new = Conv2d.like(conv, bias=True)
     dtype = conv.weight.dtype
     with torch.no_grad():
         new.weight.copy_((conv.weight.detach().double() * scale.view(-1, 1, 1, 1)).to(dtype))

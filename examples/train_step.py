@@ -16,14 +16,13 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import time
 
 import torch
 from torch import nn
 
 import clconv
 import clconv.torch as cltorch
-from clconv.bench_models import CALLS, clconv_breakdown
+from clconv.bench_models import CALLS, alternating, clconv_breakdown
 
 
 class Bottleneck(nn.Module):
@@ -97,13 +96,7 @@ def main():
     for label, model in (("torch eager", eager), ("clconv", converted)):
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         runs[label] = (lambda m=model, o=optimizer: step(m, o, x, target))
-        runs[label]()       # warm-up: plans, kernel builds
-    times = {label: [] for label in runs}
-    for _ in range(args.rounds):
-        for label, run in runs.items():
-            start = time.perf_counter()
-            run()
-            times[label].append((time.perf_counter() - start) * 1e3)
+    times = alternating(runs, args.rounds)      # after a warm-up call each
     info = clconv.device_info(clconv.queue_for().device)
     print(f"ResNet-50 training step, batch {args.batch} at {args.size} px, float32; clconv on "
           f"{info.name} ({info.platform}); torch {torch.__version__}, "

@@ -246,6 +246,7 @@ def test_copies_through_pinned_staging_where_memory_is_not_shared(queue, monkeyp
     queue's pinned staging buffers, reused call after call: forced here on the CPU device,
     eight threads at once, forward and both gradients all give torch's results."""
     from concurrent.futures import ThreadPoolExecutor
+    import pyopencl as cl
     from clconv import arrays, scratch
     torch = pytest.importorskip("torch")
     monkeypatch.setattr(arrays, "shares_host_memory", lambda queue: False)
@@ -269,8 +270,9 @@ def test_copies_through_pinned_staging_where_memory_is_not_shared(queue, monkeyp
             np.testing.assert_allclose(dw, torch.nn.grad.conv2d_weight(tx, w.shape, tdy,
                                                                        padding=1).numpy(),
                                        rtol=1e-4, atol=1e-4)
+    pinned = cl.mem_flags.READ_WRITE | cl.mem_flags.ALLOC_HOST_PTR
     kept = scratch.of(queue).buffers
-    assert {"upload0", "upload1", "download"} <= set(kept)
-    staged = kept["upload0"]
+    assert {("upload0", pinned), ("upload1", pinned), ("download", pinned)} <= set(kept)
+    staged = kept["upload0", pinned]
     clconv.conv2d(np.ones((1, 4, 9, 11), np.float32), w, padding=1, queue=queue)
-    assert scratch.of(queue).buffers["upload0"] is staged        # reused
+    assert scratch.of(queue).buffers["upload0", pinned] is staged        # reused

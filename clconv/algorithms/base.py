@@ -102,17 +102,15 @@ class Step:
 
     def __init__(self, kernel, items, local):
         self.kernel, self.items, self.local = kernel, items, local
-        self._sizes = {}        # the global size per batch: items() costs tens of µs
+        # The global size per batch: items() costs tens of µs.
+        self._sizes = programs.LRUTable(STEP_SIZES_KEPT)
 
     def global_size(self, batch):
         size = self._sizes.get(batch)
         if size is None:
             items = self.items(batch)
-            size = items if self.local is None else tuple(round_up(n, l)
-                                                          for n, l in zip(items, self.local))
-            if len(self._sizes) >= STEP_SIZES_KEPT:
-                self._sizes.clear()
-            self._sizes[batch] = size
+            size = self._sizes[batch] = items if self.local is None else tuple(
+                round_up(n, l) for n, l in zip(items, self.local))
         return size
 
     def __call__(self, queue, batch, *args, wait_for=None):

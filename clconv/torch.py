@@ -126,9 +126,24 @@ def _memory_format(input, weight):
     """torch's convolution output format: channels_last if the input (unbatched: its batch of
     one) or the weight is laid out channels_last; the input and weight gradients follow it."""
     batched = input if input.dim() == 4 else input.unsqueeze(0)
-    channels_last = torch.channels_last in (suggest_memory_format(batched),
-                                            suggest_memory_format(weight))
-    return torch.channels_last if channels_last else torch.contiguous_format
+    key = (tuple(batched.shape), batched.stride(), tuple(weight.shape), weight.stride())
+    # Only plain sizes key the table (a fake kernel's may be symbolic).
+    known = all(type(n) is int for part in key for n in part)
+    found = _formats.get(key) if known else None
+    if found is None:
+        channels_last = torch.channels_last in (suggest_memory_format(batched),
+                                                suggest_memory_format(weight))
+        found = torch.channels_last if channels_last else torch.contiguous_format
+        if known:
+            if len(_formats) >= _FORMATS_KEPT:
+                _formats.clear()
+            _formats[key] = found
+    return found
+
+
+# _memory_format's answers by sizes and strides (suggest_memory_format costs ~8 µs a call).
+_formats = {}
+_FORMATS_KEPT = 4096
 
 
 def _formatted(tensor, memory_format):
@@ -142,14 +157,17 @@ def _formatted(tensor, memory_format):
     return out if tensor.dim() == 4 else out[0]
 
 
-@torch.library.custom_op("clconv::conv2d", mutates_args=(), schema=(
-    f"(Tensor input, Tensor weight, Tensor? bias, Tensor? residual, str? activation, "
-    f"{_GEOMETRY}) -> Tensor"))
-def _conv2d_op(input, weight, bias, residual, activation, *geometry):
+def _conv2d_kernel(input, weight, bias, residual, activation, *geometry):
+    """clconv::conv2d's CPU kernel."""
     y = clconv.conv2d(_numpy(input, "input"), _numpy(weight, "weight"), _numpy(bias, "bias"),
                       *_core(*geometry), activation=activation,
                       residual=_numpy(residual, "residual"))
     return _formatted(torch.from_numpy(y), _memory_format(input, weight))
+
+
+_conv2d_op = torch.library.custom_op("clconv::conv2d", mutates_args=(), schema=(
+    f"(Tensor input, Tensor weight, Tensor? bias, Tensor? residual, str? activation, "
+    f"{_GEOMETRY}) -> Tensor"))(_conv2d_kernel)
 
 
 @_conv2d_op.register_fake
@@ -265,13 +283,37 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1,
     recording = torch.is_grad_enabled() and any(
         isinstance(t, torch.Tensor) and t.requires_grad for t in (input, weight, bias, residual))
     fuse_activation = fuse_residual and not recording
-    y = _conv2d_op(input, weight, bias, residual if fuse_residual else None,
-                   activation if fuse_activation else None, *geometry)
+    tensors = (input, weight, bias, residual)
+    run = _conv2d_kernel if not recording and _unobserved(tensors) else _conv2d_op
+    y = run(input, weight, bias, residual if fuse_residual else None,
+            activation if fuse_activation else None, *geometry)
     if not fuse_residual:
         y = y + residual
     if activation is not None and not fuse_activation:
         y = ACTIVATIONS[activation](y)
     return y
+
+
+# Tensor types the eager fast path takes as they are (a subclass may dispatch on its own).
+_PLAIN_TENSORS = (torch.Tensor, nn.Parameter)
+
+
+def _unobserved(tensors):
+    """Whether a call that autograd does not record may run clconv::conv2d's kernel without
+    torch's dispatcher (~70 µs a call): nothing else would see the operator, i.e. no
+    tracing, compiling, profiler, torch function or dispatch mode (FakeTensorMode, a
+    FlopCounter ...) or functorch transform is active, and every tensor is a plain one.
+    Unsure (a private query missing in this torch): no."""
+    if any(t is not None and type(t) not in _PLAIN_TENSORS for t in tensors):
+        return False
+    try:
+        return not (torch.jit.is_tracing() or torch.compiler.is_compiling()
+                    or torch.autograd._profiler_enabled()
+                    or torch._C._len_torch_dispatch_stack()
+                    or torch._C._is_torch_function_mode_enabled()
+                    or torch._C._are_functorch_transforms_active())
+    except AttributeError:
+        return False
 
 
 class Conv2d(nn.Conv2d):

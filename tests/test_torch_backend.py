@@ -580,9 +580,11 @@ def test_memory_format_follows_torch(layout):
                   for t in (x, w)]
         y = conv(*leaves, None, 2, 1, 1, groups)
         grads = torch.autograd.grad(y, leaves, torch.ones(y.shape, dtype=y.dtype))
+        with torch.no_grad():
+            unrecorded = conv(x, w, None, 2, 1, 1, groups)    # clconv: the eager fast path
         results.append([(t.stride(), t.is_contiguous(),
                          t.is_contiguous(memory_format=torch.channels_last))
-                        for t in (y, *grads)])
+                        for t in (y, *grads, unrecorded)])
     assert results[1] == results[0]
 
 
@@ -597,3 +599,66 @@ def test_fused_activation_has_no_gradient():
     x, w = torch.randn(1, 2, 5, 5, requires_grad=True), torch.randn(3, 2, 3, 3)
     with pytest.raises(RuntimeError, match="no gradient for a fused activation"):
         torch.ops.clconv.conv2d(x, w, None, None, "relu", *ct._geometry(1, 0, 1, 1, "zeros"))
+
+
+def count_operator_calls(monkeypatch):
+    """A list that grows by one per call through the clconv::conv2d operator."""
+    calls, op = [], ct._conv2d_op
+
+    def counted(*args):
+        calls.append(1)
+        return op(*args)
+
+    monkeypatch.setattr(ct, "_conv2d_op", counted)
+    return calls
+
+
+def test_eager_inference_runs_the_kernel_without_the_dispatcher(monkeypatch):
+    calls = count_operator_calls(monkeypatch)
+    torch.manual_seed(11)
+    x, w, b = torch.randn(2, 3, 6, 6), nn.Parameter(torch.randn(4, 3, 3, 3)), torch.randn(4)
+    residual = torch.randn(2, 4, 6, 6)
+    expected = F.relu(F.conv2d(x, w, b, padding=1) + residual)
+    with torch.no_grad():
+        fast = ct.conv2d(x, w, b, padding=1, residual=residual, activation="relu")
+        assert not calls
+        by_operator = torch.ops.clconv.conv2d(x, w, b, residual, "relu",
+                                              *ct._geometry(1, 1, 1, 1, "zeros"))
+    torch.testing.assert_close(fast, expected, rtol=1e-4, atol=1e-5)
+    assert torch.equal(fast, by_operator)
+    # grad enabled, nothing requires it: autograd records nothing either
+    ct.conv2d(x, w.detach(), b, padding=1)
+    assert not calls
+    recorded = ct.conv2d(x, w, b, padding=1)      # w requires grad: through the operator
+    assert len(calls) == 1 and recorded.requires_grad
+
+
+class _Seen(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the operators dispatched under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_modes_profilers_and_tracing_still_see_the_operator(monkeypatch):
+    calls = count_operator_calls(monkeypatch)
+    x, w = torch.randn(1, 2, 5, 5), torch.randn(3, 2, 3, 3)
+    with torch.no_grad():
+        with _Seen() as seen:
+            ct.conv2d(x, w, padding=1)
+        assert "clconv.conv2d.default" in seen.names
+        with torch.profiler.profile() as profile:
+            ct.conv2d(x, w, padding=1)
+        assert "clconv::conv2d" in {e.key for e in profile.key_averages()}
+        # a tensor subclass may dispatch on its own: it goes through the operator
+        ct.conv2d(x.as_subclass(_Subclass), w, padding=1)
+    assert len(calls) == 3
+
+
+class _Subclass(torch.Tensor):
+    pass

@@ -177,12 +177,15 @@ def _(input, weight, bias, residual, activation, *geometry):
     return _formatted(input.new_empty(shape), _memory_format(input, weight))
 
 
-@torch.library.custom_op("clconv::conv2d_input_grad", mutates_args=(), schema=(
-    f"(int[] input_shape, Tensor weight, Tensor grad_output, {_GEOMETRY}) -> Tensor"))
-def _input_grad_op(input_shape, weight, grad_output, *geometry):
+def _input_grad_kernel(input_shape, weight, grad_output, *geometry):
     return torch.from_numpy(clconv.conv2d_input_grad(
         tuple(input_shape), _numpy(weight, "weight"), _numpy(grad_output, "grad_output"),
         *_core(*geometry)))
+
+
+_input_grad_op = torch.library.custom_op("clconv::conv2d_input_grad", mutates_args=(), schema=(
+    f"(int[] input_shape, Tensor weight, Tensor grad_output, {_GEOMETRY}) -> Tensor"))(
+        _input_grad_kernel)
 
 
 @_input_grad_op.register_fake
@@ -191,12 +194,16 @@ def _(input_shape, weight, grad_output, *geometry):
     return weight.new_empty(input_shape)
 
 
-@torch.library.custom_op("clconv::conv2d_weight_grad", mutates_args=(), schema=(
-    f"(Tensor input, int[] weight_shape, Tensor grad_output, {_GEOMETRY}) -> Tensor"))
-def _weight_grad_op(input, weight_shape, grad_output, *geometry):
+def _weight_grad_kernel(input, weight_shape, grad_output, *geometry):
     return torch.from_numpy(clconv.conv2d_weight_grad(
         _numpy(input, "input"), tuple(weight_shape), _numpy(grad_output, "grad_output"),
         *_core(*geometry)))
+
+
+_weight_grad_op = torch.library.custom_op("clconv::conv2d_weight_grad", mutates_args=(),
+                                          schema=(f"(Tensor input, int[] weight_shape, Tensor "
+                                                  f"grad_output, {_GEOMETRY}) -> Tensor"))(
+    _weight_grad_kernel)
 
 
 @_weight_grad_op.register_fake
@@ -205,16 +212,51 @@ def _(input, weight_shape, grad_output, *geometry):
     return input.new_empty(weight_shape)
 
 
-@torch.library.custom_op("clconv::conv2d_bias_grad", mutates_args=(), schema=(
-    "(Tensor grad_output) -> Tensor"))
-def _bias_grad_op(grad_output):
+def _bias_grad_kernel(grad_output):
     return torch.from_numpy(clconv.conv2d_bias_grad(_numpy(grad_output, "grad_output")))
+
+
+_bias_grad_op = torch.library.custom_op("clconv::conv2d_bias_grad", mutates_args=(), schema=(
+    "(Tensor grad_output) -> Tensor"))(_bias_grad_kernel)
 
 
 @_bias_grad_op.register_fake
 def _(grad_output):
     _check(grad_output, "grad_output")
     return grad_output.new_empty(grad_output.shape[-3])
+
+
+# Tensor types the eager fast path takes as they are (a subclass may dispatch on its own).
+_PLAIN_TENSORS = (torch.Tensor, nn.Parameter)
+
+
+def _recording(tensors):
+    """Whether autograd records a call on tensors."""
+    return torch.is_grad_enabled() and any(
+        isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+
+
+def _dispatch(op, kernel, tensors, *args):
+    """op(*args), or its kernel(*args) directly where nothing would see the operator."""
+    return (kernel if not _recording(tensors) and _unobserved(tensors) else op)(*args)
+
+
+def _unobserved(tensors):
+    """Whether a call that autograd does not record may run a clconv operator's kernel
+    without torch's dispatcher (~70 µs a call): nothing else would see the operator, i.e. no
+    tracing, compiling, profiler, torch function or dispatch mode (FakeTensorMode, a
+    FlopCounter ...) or functorch transform is active, and every tensor is a plain one.
+    Unsure (a private query missing in this torch): no."""
+    if any(t is not None and type(t) not in _PLAIN_TENSORS for t in tensors):
+        return False
+    try:
+        return not (torch.jit.is_tracing() or torch.compiler.is_compiling()
+                    or torch.autograd._profiler_enabled()
+                    or torch._C._len_torch_dispatch_stack()
+                    or torch._C._is_torch_function_mode_enabled()
+                    or torch._C._are_functorch_transforms_active())
+    except AttributeError:
+        return False
 
 
 def _setup_context(ctx, inputs, output):
@@ -233,13 +275,15 @@ def _backward(ctx, grad_output):
     needs = ctx.needs_input_grad
     grads = [None] * ctx.n_inputs
     if needs[0]:
-        grads[0] = _formatted(_input_grad_op(list(input.shape), weight, grad_output,
-                                             *ctx.geometry), ctx.memory_format)
+        grads[0] = _formatted(_dispatch(_input_grad_op, _input_grad_kernel,
+                                        (weight, grad_output), list(input.shape), weight,
+                                        grad_output, *ctx.geometry), ctx.memory_format)
     if needs[1]:
-        grads[1] = _formatted(_weight_grad_op(input, list(weight.shape), grad_output,
-                                              *ctx.geometry), ctx.memory_format)
+        grads[1] = _formatted(_dispatch(_weight_grad_op, _weight_grad_kernel,
+                                        (input, grad_output), input, list(weight.shape),
+                                        grad_output, *ctx.geometry), ctx.memory_format)
     if needs[2]:
-        grads[2] = _bias_grad_op(grad_output)
+        grads[2] = _dispatch(_bias_grad_op, _bias_grad_kernel, (grad_output,), grad_output)
     if needs[3]:
         grads[3] = grad_output          # a fused residual has exactly the output's shape
     return tuple(grads)
@@ -280,40 +324,16 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1,
         isinstance(residual, torch.Tensor)
         and residual.shape == _output_shape(input, weight, bias, *geometry)
         and residual.dtype == input.dtype)
-    recording = torch.is_grad_enabled() and any(
-        isinstance(t, torch.Tensor) and t.requires_grad for t in (input, weight, bias, residual))
-    fuse_activation = fuse_residual and not recording
     tensors = (input, weight, bias, residual)
-    run = _conv2d_kernel if not recording and _unobserved(tensors) else _conv2d_op
-    y = run(input, weight, bias, residual if fuse_residual else None,
-            activation if fuse_activation else None, *geometry)
+    fuse_activation = fuse_residual and not _recording(tensors)
+    y = _dispatch(_conv2d_op, _conv2d_kernel, tensors, input, weight, bias,
+                  residual if fuse_residual else None,
+                  activation if fuse_activation else None, *geometry)
     if not fuse_residual:
         y = y + residual
     if activation is not None and not fuse_activation:
         y = ACTIVATIONS[activation](y)
     return y
-
-
-# Tensor types the eager fast path takes as they are (a subclass may dispatch on its own).
-_PLAIN_TENSORS = (torch.Tensor, nn.Parameter)
-
-
-def _unobserved(tensors):
-    """Whether a call that autograd does not record may run clconv::conv2d's kernel without
-    torch's dispatcher (~70 µs a call): nothing else would see the operator, i.e. no
-    tracing, compiling, profiler, torch function or dispatch mode (FakeTensorMode, a
-    FlopCounter ...) or functorch transform is active, and every tensor is a plain one.
-    Unsure (a private query missing in this torch): no."""
-    if any(t is not None and type(t) not in _PLAIN_TENSORS for t in tensors):
-        return False
-    try:
-        return not (torch.jit.is_tracing() or torch.compiler.is_compiling()
-                    or torch.autograd._profiler_enabled()
-                    or torch._C._len_torch_dispatch_stack()
-                    or torch._C._is_torch_function_mode_enabled()
-                    or torch._C._are_functorch_transforms_active())
-    except AttributeError:
-        return False
 
 
 class Conv2d(nn.Conv2d):

@@ -633,6 +633,22 @@ def test_eager_inference_runs_the_kernel_without_the_dispatcher(monkeypatch):
     assert len(calls) == 1 and recorded.requires_grad
 
 
+def test_eager_backward_runs_the_gradient_kernels_without_the_dispatcher(monkeypatch):
+    calls = []
+    for name in ("_input_grad_op", "_weight_grad_op", "_bias_grad_op"):
+        op = getattr(ct, name)
+        monkeypatch.setattr(ct, name, lambda *args, op=op: calls.append(1) or op(*args))
+    module, x = make_pair(*GRAD_CASES["stride2-pad1"], torch.float32)
+    converted = ct.convert(copy.deepcopy(module))
+    leaves = x.detach().clone().requires_grad_(True)
+    converted(leaves).square().sum().backward()
+    module(x).square().sum().backward()
+    assert not calls
+    torch.testing.assert_close(leaves.grad, x.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(converted.weight.grad, module.weight.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(converted.bias.grad, module.bias.grad, rtol=1e-4, atol=1e-4)
+
+
 class _Seen(torch.utils._python_dispatch.TorchDispatchMode):
     """Records the operators dispatched under it."""
 

@@ -5,7 +5,8 @@
 ## the staged input (padding applied; a stride split into phases, one plane per phase, each
 ## tap reading one phase as in a stride-1 convolution; zero rows at the end of each plane let
 ## every tile read densely), or the input itself when there is nothing to stage (then the last
-## tiles read lane by lane). Output pixel (oh, ow) sits at grid position p = oh * cols + ow, so
+## tile reads the plane's last values, shifted back, or lane by lane on a plane smaller than a
+## tile). Output pixel (oh, ow) sits at grid position p = oh * cols + ow, so
 ## a run of consecutive p is one dense vector load per tap; positions with ow >= w_out (the
 ## grid's extra columns) are computed and dropped. One work-item computes tk output channels x tv vectors of tw positions: the
 ## register tile of a CPU GEMM micro-kernel (tw-wide FMAs, one weight broadcast per channel).
@@ -33,6 +34,11 @@
     row_term = tap_term('tap_rows', tap_rows, 'kh')
     col_term = tap_term('tap_cols', tap_cols, 'kw')
     dense_out = cols == w_out                   # grid positions are output positions
+    # Where the last tile would read past the plane, it reads the last T + reach values
+    # instead (shifted back, still dense) and stores only the positions it owns: the lane
+    # by lane reads ran several times slower than vector loads.
+    all_inside = tiles * T - 1 + reach < plane
+    shifted = not all_inside and plane >= T + reach
     accv = acc_t + (str(tw) if tw > 1 else '')
 %>\
 ${c.header(storage_t, acc_t)}
@@ -87,7 +93,12 @@ __kernel void implicit_gemm(
         return;
     const int g = kb / ${k_blocks};
     const int k0 = (kb - g * ${k_blocks}) * ${tk};
-    const int p0 = tile * ${T};
+    const int own = tile * ${T};                // the first grid position it stores
+% if shifted:
+    const int p0 = min(own, ${plane - T - reach});    // the first it reads
+% else:
+    const int p0 = own;
+% endif
     __global const ${storage_t} *xg = x + x_off + ((idx_t)n * ${cin} + g * ${cin_g}) * ${NPH * NPW * plane};
 % for t in range(tk):
 % if ragged_k:
@@ -100,7 +111,7 @@ __kernel void implicit_gemm(
 % endfor
 % endfor
 
-% if tiles * T - 1 + reach < plane:
+% if all_inside or shifted:
 ${taps(True)}
 % else:
     if (p0 + ${T - 1 + reach} < ${plane}) {
@@ -122,11 +133,11 @@ ${taps(False)}
         ${a} += bias;
 % endif
 % if dense_out:
-        if (p0 + ${(v + 1) * tw} <= ${ends}) {
+        if (${'p0 + %d >= own && ' % (v * tw) if shifted else ''}p0 + ${(v + 1) * tw} <= ${ends}) {
             ${c.epilogue_store(storage_t, activation, has_residual, a, acc_t, tw, 'yc + p0 + %d' % (v * tw))};
         } else {
 % for j in range(tw):
-            if (p0 + ${v * tw + j} < ${ends}) ${c.epilogue_store(storage_t, activation, has_residual, capture(c.lane, a, tw, j), acc_t, 1, 'yc + p0 + %d' % (v * tw + j))};
+            if (${'p0 + %d >= own && ' % (v * tw + j) if shifted else ''}p0 + ${v * tw + j} < ${ends}) ${c.epilogue_store(storage_t, activation, has_residual, capture(c.lane, a, tw, j), acc_t, 1, 'yc + p0 + %d' % (v * tw + j))};
 % endfor
         }
 % else:
@@ -137,7 +148,7 @@ ${taps(False)}
             const int oh = p / ${cols};
             const int ow = p - oh * ${cols};
 % if tw > 1:
-            if (oh < ${h_out} && ow + ${tw} <= ${w_out}) {
+            if (${'p >= own && ' if shifted else ''}oh < ${h_out} && ow + ${tw} <= ${w_out}) {
                 ${c.epilogue_store(storage_t, activation, has_residual, a, acc_t, tw, 'yc + oh * %d + ow' % w_out)};
             } else {
 % endif
@@ -146,7 +157,7 @@ ${taps(False)}
                 const int q = p + ${j};
                 const int qh = q / ${cols};
                 const int qw = q - qh * ${cols};
-                if (qw < ${w_out} && q < ${ends})
+                if (${'q >= own && ' if shifted else ''}qw < ${w_out} && q < ${ends})
                     ${c.epilogue_store(storage_t, activation, has_residual, capture(c.lane, a, tw, j), acc_t, 1, 'yc + qh * %d + qw' % w_out)};
             }
 % endfor

@@ -131,8 +131,9 @@ def register_tile(algorithm, tk, tv, tw, **extra):
 
 def gemm_variants():
     """The implicit GEMM forward: staged grids under every padding mode (a strided 1x1's
-    sampled grid, strided kernels' phase planes), unstaged inputs whose last tiles read lane
-    by lane, dense and gapped output grids, every vector width, dtypes and the epilogue."""
+    sampled grid, strided kernels' phase planes), unstaged inputs whose last tile reads
+    shifted back (dense and gapped output grids) or, on a plane smaller than a tile, lane by
+    lane, every vector width, dtypes and the epilogue."""
     def gemm(tk, tv, tw, **extra):
         return register_tile("implicit_gemm", tk, tv, tw, **extra)
     for mode in ("zeros", "reflect", "replicate", "circular"):
@@ -145,6 +146,8 @@ def gemm_variants():
            gemm(4, 1, 4))
     yield ("gemm-1x1-dense", "forward", (2, 5, 3, 5), (3, 5, 1, 1), True, {}, "float32",
            gemm(2, 4, 2))
+    yield ("gemm-1x1-plane-under-a-tile", "forward", (2, 3, 2, 3), (3, 3, 1, 1), True, {},
+           "float32", gemm(2, 1, 8, activation="relu", residual=True))
     yield ("gemm-1x1-stride2-padded", "forward", (2, 5, 7, 9), (3, 5, 1, 1), False,
            dict(stride=2, padding=1, padding_mode="reflect"), "float32", gemm(3, 1, 4))
     # Strided kernels read phase planes: both dimensions split, one split (the dilation a

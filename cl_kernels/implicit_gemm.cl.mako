@@ -6,7 +6,9 @@
 ## tap reading one phase as in a stride-1 convolution; zero rows at the end of each plane let
 ## every tile read densely), or the input itself when there is nothing to stage (then the last
 ## tile reads the plane's last values, shifted back, or lane by lane on a plane smaller than a
-## tile). Output pixel (oh, ow) sits at grid position p = oh * cols + ow, so
+## tile), or, for a 1x1 kernel with pack=1, the input packed by tiles (pack.cl.mako: a tile's
+## values of consecutive channels consecutive). Output pixel (oh, ow) sits at grid position
+## p = oh * cols + ow, so
 ## a run of consecutive p is one dense vector load per tap; positions with ow >= w_out (the
 ## grid's extra columns) are computed and dropped. One work-item computes tk output channels x tv vectors of tw positions: the
 ## register tile of a CPU GEMM micro-kernel (tw-wide FMAs, one weight broadcast per channel).
@@ -37,8 +39,11 @@
     # Where the last tile would read past the plane, it reads the last T + reach values
     # instead (shifted back, still dense) and stores only the positions it owns: the lane
     # by lane reads ran several times slower than vector loads.
-    all_inside = tiles * T - 1 + reach < plane
+    # Packed (pack=1, 1x1 kernels): x holds each tile's T values per channel, zero-filled,
+    # so every read is inside and a channel's values follow the previous channel's.
+    all_inside = packed or tiles * T - 1 + reach < plane
     shifted = not all_inside and plane >= T + reach
+    channel_stride = T if packed else NPH * NPW * plane
     accv = acc_t + (str(tw) if tw > 1 else '')
 %>\
 ${c.header(storage_t, acc_t)}
@@ -54,7 +59,7 @@ __constant int ${name}[${len(table)}] = {${', '.join(map(str, table))}};
 ## never stored).
 <%def name="taps(inside)">
     for (int ci = 0; ci < ${cin_g}; ++ci) {
-        __global const ${storage_t} *xc = xg + (idx_t)ci * ${NPH * NPW * plane};
+        __global const ${storage_t} *xc = xg + (idx_t)ci * ${channel_stride};
 % for t in range(tk):
         __global const ${storage_t} *w${t} = w + wrow${t} + ci * ${KHW};
 % endfor
@@ -64,7 +69,7 @@ __constant int ${name}[${len(table)}] = {${', '.join(map(str, table))}};
             #pragma unroll
 % endif
             for (int kw = 0; kw < ${KW}; ++kw) {
-                const int off = p0 + ${row_term} + ${col_term};
+                const int off = ${'0' if packed else 'p0'} + ${row_term} + ${col_term};
 % for v in range(tv):
 % if inside:
                 const ${accv} x${v} = ${c.load_vec(storage_t, tw, 'xc', 'off + %d' % (v * tw))};
@@ -99,7 +104,11 @@ __kernel void implicit_gemm(
 % else:
     const int p0 = own;
 % endif
+% if packed:
+    __global const ${storage_t} *xg = x + x_off + (((idx_t)n * ${tiles} + tile) * ${cin} + g * ${cin_g}) * ${T};
+% else:
     __global const ${storage_t} *xg = x + x_off + ((idx_t)n * ${cin} + g * ${cin_g}) * ${NPH * NPW * plane};
+% endif
 % for t in range(tk):
 % if ragged_k:
     const idx_t wrow${t} = w_off + (idx_t)(g * ${cout_g} + min(k0 + ${t}, ${cout_g - 1})) * ${cin_g * KHW};

@@ -146,6 +146,16 @@ def gemm_variants():
            gemm(4, 1, 4))
     yield ("gemm-1x1-dense", "forward", (2, 5, 3, 5), (3, 5, 1, 1), True, {}, "float32",
            gemm(2, 4, 2))
+    # pack=1: a 1x1 input packed by tiles (a ragged last tile zero-filled; the strided
+    # pack's index path; groups; the epilogue), every dtype.
+    yield ("gemm-pack-1x1", "forward", (2, 5, 3, 5), (3, 5, 1, 1), True, {}, "float32",
+           gemm(2, 1, 4, pack=1))
+    yield ("gemm-pack-stride2-groups", "forward", (2, 4, 7, 9), (6, 2, 1, 1), True,
+           dict(stride=2, groups=2), "float32",
+           gemm(3, 2, 4, pack=1, activation="relu", residual=True))
+    for dtype in ("float16", "float64"):
+        yield (f"gemm-pack-{dtype}", "forward", (1, 3, 3, 5), (4, 3, 1, 1), False, {}, dtype,
+               gemm(2, 1, 4, pack=1))
     yield ("gemm-1x1-plane-under-a-tile", "forward", (2, 3, 2, 3), (3, 3, 1, 1), True, {},
            "float32", gemm(2, 1, 8, activation="relu", residual=True))
     yield ("gemm-1x1-stride2-padded", "forward", (2, 5, 7, 9), (3, 5, 1, 1), False,

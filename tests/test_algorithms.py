@@ -66,6 +66,26 @@ def test_float16(forced, name, case_id):
     run_and_check(ALL[case_id], "float16")
 
 
+def packed_cases(ids, dtype):
+    """The matrix cases the implicit GEMM's packed input (pack=1) applies to."""
+    from clconv.algorithms.implicit_gemm import packable
+    return [pytest.param(case_id, id=case_id) for case_id in ids
+            if packable(problem_of(ALL[case_id], dtype))]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16"])
+def test_implicit_gemm_with_packed_input(monkeypatch, dtype):
+    # pack=1 on every 1x1 unpadded case (strides, groups, batches, unbatched), beside the
+    # heuristic's choice, which packs only from 256 output channels
+    monkeypatch.setenv("CLCONV_TUNE", "off")
+    ids = {"float32": list(ALL), "float64": F64, "float16": F16}[dtype]
+    chosen = packed_cases(ids, dtype)
+    assert chosen, "no matrix case takes pack=1"
+    with clconv.use_algorithm("implicit_gemm", pack=1):
+        for param in chosen:
+            run_and_check(ALL[param.values[0]], dtype)
+
+
 def test_every_forward_algorithm_is_exercised():
     for name in FORWARD:
         assert any(p.id.startswith(name + "-") for p in cases(list(ALL), "float32")), name

@@ -32,11 +32,19 @@ def _size(nbytes):
 HOST_CHECK_BYTES = 256 * 2**20
 
 
+# (problem, device info) pairs that passed check_device_limits without the host-memory
+# reading, whose answer cannot change (a set look-up instead of ~9 µs a call).
+_fitting = set()
+FITTING_KEPT = 4096
+
+
 def check_device_limits(problem, device):
     """Reject what the device cannot hold or compute, with the reason, before any work.
     On a CPU device, whose memory is the host's, they must also fit the host memory free
     now."""
     info = queried_info(device)
+    if (problem, info) in _fitting:
+        return
     check_fp64(problem.dtype, info)
     itemsize = problem.numpy_dtype.itemsize
     sizes = {"input": problem.input_shape, "weight": problem.weight_shape,
@@ -61,6 +69,10 @@ def check_device_limits(problem, device):
                              "the batch")
     if problem.batch * problem.out_height > INT32_LIMIT:
         raise ValueError("batch * output height exceeds 2**31 - 1; split the batch")
+    if not (info.is_cpu and total > HOST_CHECK_BYTES):
+        if len(_fitting) >= FITTING_KEPT:
+            _fitting.clear()
+        _fitting.add((problem, info))
 
 
 def host_memory_available():

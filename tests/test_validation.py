@@ -318,6 +318,20 @@ def test_conv2d_rejects_float64_without_fp64(no_device_work, no_fp64):
         clconv.conv2d(x, w, data((3,), np.float64), padding="same", padding_mode="reflect")
 
 
+def test_a_remembered_fit_is_per_device_info(monkeypatch):
+    # check_device_limits remembers a problem that fit; a device without fp64 (other info)
+    # still refuses the same problem
+    x, w = data((1, 2, 5, 5), np.float64), data((3, 2, 3, 3), np.float64)
+    if not clconv.device_info(clconv.queue_for().device).fp64:
+        pytest.skip("the device has no fp64")
+    clconv.conv2d(x, w)
+    real = clconv.device.queried_info
+    monkeypatch.setattr(clconv.limits, "queried_info",
+                        lambda device: dataclasses.replace(real(device), fp64=False))
+    with pytest.raises(TypeError, match=r"float64 needs the cl_khr_fp64 extension"):
+        clconv.conv2d(x, w)
+
+
 def test_conv2d_batch_zero_returns_empty_output():
     # numpy input, batch 0: an empty output of the right shape and dtype, as torch
     cases = [

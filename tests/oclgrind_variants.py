@@ -153,6 +153,8 @@ def gemm_variants():
     yield ("gemm-pack-stride2-groups", "forward", (2, 4, 7, 9), (6, 2, 1, 1), True,
            dict(stride=2, groups=2), "float32",
            gemm(3, 2, 4, pack=1, activation="relu", residual=True))
+    yield ("gemm-pack-long-index", "forward", (2, 3, 3, 5), (4, 3, 1, 1), False, {},
+           "float32", gemm(2, 1, 4, pack=1, idx_t="long"))
     for dtype in ("float16", "float64"):
         yield (f"gemm-pack-{dtype}", "forward", (1, 3, 3, 5), (4, 3, 1, 1), False, {}, dtype,
                gemm(2, 1, 4, pack=1))

@@ -205,14 +205,30 @@ def packable(problem):
     return problem.kernel_size == (1, 1) and not any(problem.pad)
 
 
+def packing_problem(problem, info, tile):
+    """Why pack=1 cannot run problem in tiles of `tile` positions on the device (or None)."""
+    if not packable(problem):
+        return "pack needs a 1x1 kernel without padding"
+    nbytes = packed_elements(problem, grid(problem, tile), problem.batch) * \
+        problem.numpy_dtype.itemsize
+    return allocation_problem("packed input", nbytes, info)
+
+
+def packed_grid(problem, tile, idx_t=None):
+    """The Grid whose tiles pack=1 packs, its index type wide enough for the packed input."""
+    layout = grid(problem, tile, idx_t)
+    if idx_t is None and packed_elements(problem, layout, problem.batch) > INT32_LIMIT:
+        layout = grid(problem, tile, "long")
+    return layout
+
+
 def packing_launcher(problem, queue, layout, main):
     """run(): pack the input by layout's position tiles (pack.cl.mako), then main on it."""
     channels, tiles, tile = problem.in_channels, layout.tiles, layout.tile
-    idx_t = "long" if packed_elements(problem, layout, problem.batch) > INT32_LIMIT else \
-        layout.idx_t
     pack = build_step(
         queue, "pack.cl.mako", "pack",
-        dict(dtype=problem.dtype, idx_t=idx_t, stride=problem.stride, height=problem.height,
+        dict(dtype=problem.dtype, idx_t=layout.idx_t, stride=problem.stride,
+             height=problem.height,
              width=problem.width, h_out=problem.out_height, w_out=problem.out_width,
              channels=channels, tiles=tiles, T=tile),
         (Buffer("x"), Buffer("xp", const=False), BATCH),
@@ -247,31 +263,28 @@ class ImplicitGemm(Algorithm):
 
     def constraints(self, problem, info, config):
         tile = config["tv"] * config["tw"]
-        if config.get("pack"):
-            if not packable(problem):
-                return "pack needs a 1x1 kernel without padding"
-            nbytes = (packed_elements(problem, grid(problem, tile), problem.batch)
-                      * problem.numpy_dtype.itemsize)
-            return (register_tile_problem(problem, info, config)
-                    or allocation_problem("packed input", nbytes, info))
         return (register_tile_problem(problem, info, config)
-                or staging_problem(problem, info, tile))
+                or (packing_problem if config.get("pack") else staging_problem)(
+                    problem, info, tile))
 
     def default_config(self, problem, info):
         # 8 channel blocks per work-group once an image's grid is far beyond L2 (vgg's
         # 64 x 226 x 226: 172 against 145 GFLOP/s), else 4.
         layout = grid(problem)
         image_bytes = layout.elements(1, problem.in_channels) * problem.numpy_dtype.itemsize
-        return dict(register_tile_default(problem, info, layout.positions,
-                                          8 if image_bytes > LARGE_IMAGE_BYTES else 4), ukw=0,
-                    pack=int(packable(problem) and problem.cout_per_group >= PACK_MIN_CHANNELS))
+        config = register_tile_default(problem, info, layout.positions,
+                                       8 if image_bytes > LARGE_IMAGE_BYTES else 4)
+        pack = (problem.cout_per_group >= PACK_MIN_CHANNELS
+                and packing_problem(problem, info, config["tv"] * config["tw"]) is None)
+        return dict(config, ukw=0, pack=int(pack))
 
     def constants(self, problem, config):
-        layout = grid(problem, config["tv"] * config["tw"], config.get("idx_t"))
+        packed = bool(config.get("pack", 0))
+        layout = (packed_grid if packed else grid)(problem, config["tv"] * config["tw"],
+                                                   config.get("idx_t"))
         return dict(geometry(problem, config), idx_t=layout.idx_t, grid=layout,
                     has_bias=problem.has_bias, tk=config["tk"], tv=config["tv"],
-                    tw=config["tw"], unroll_kw=bool(config.get("ukw", 0)),
-                    packed=bool(config.get("pack", 0)),
+                    tw=config["tw"], unroll_kw=bool(config.get("ukw", 0)), packed=packed,
                     channel_blocks=channel_blocks(problem, config["tk"])[0])
 
     def ranges(self, problem, config):

@@ -196,7 +196,8 @@ def test_the_capabilities_are_part_of_the_tuning_key(info, tmp_path, monkeypatch
     assert store.cache_path(wide) == store.cache_path(with_caps(wide, registers=16))
     p = problem(shape=(1, 24, 14, 14), weight=(24, 24, 3, 3))
     sig = store.signature(p)
-    entry = {"algorithm": "implicit_gemm", "config": dict(tk=6, tv=1, tw=16, lx=1, ly=1, ukw=0),
+    config = dict(tk=6, tv=1, tw=16, lx=1, ly=1, ukw=0, pack=0)
+    entry = {"algorithm": "implicit_gemm", "config": config,
              "sources": store.sources_of("implicit_gemm"), "ms": 1.0, "batch": 1}
     databases = tmp_path / "databases"
     databases.mkdir()

@@ -54,6 +54,9 @@ FMA_WIDTHS = (4, 8, 16)                 # timed for the hardware vector
 FMA_CHAINS = (8, 12)
 REGISTER_CHAINS = 28                    # with the two operands, 30 of 32 registers
 FAST_SHARE = 0.9
+# The hardware vector runs FMAs at its full width when it does this many times the FMAs of
+# half its width (2 on a full unit, 1 on one split in halves: midway between).
+FULL_WIDTH_GAIN = 1.5
 REGISTER_SHARE = 0.8
 FMA_ITERATIONS = 16384
 FMA_ROUNDS = 5
@@ -115,6 +118,16 @@ class Capabilities:
         and within most (at least 1)."""
         limit = max(1, min(most, self.lanes(dtype)))
         return max(w for w in self.widths_of(dtype) if w <= limit)
+
+    @property
+    def full_width_fma(self) -> bool:
+        """Whether the hardware vector's FMAs run at its full width: FULL_WIDTH_GAIN times the
+        rate of half its width (Intel's AVX-512 cores; not PoCL 3.1's AVX-512 code on a Zen 4,
+        which splits them). False where the rates were not timed."""
+        rates = {w: r for w, c, r in self.fma if c == FMA_CHAINS[-1]}
+        half = (self.fast_width or 0) // 2
+        return (self.fast_width in rates and half in rates
+                and rates[self.fast_width] >= FULL_WIDTH_GAIN * rates[half])
 
     @property
     def vector_registers(self) -> int:

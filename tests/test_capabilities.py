@@ -30,9 +30,15 @@ def with_caps(info, is_cpu=True, **fields):
 
 
 AVX512 = dict(widths=(("float", WIDTHS), ("half", WIDTHS), ("double", WIDTHS[:-1])),
-              fast_width=16, registers=32)
+              fast_width=16, registers=32, fma=())         # FMA rates untimed
+# FMA rates at the probe's most chains: 16-wide at twice 8-wide's (an Intel AVX-512 core)...
+FULL_WIDTH = dict(AVX512, fma=tuple((w, c, w * 12.5) for w in capabilities.FMA_WIDTHS
+                                    for c in capabilities.FMA_CHAINS))
+# ... or at 8-wide's (a Zen 4, which splits 512-bit FMAs).
+SPLIT_WIDTH = dict(AVX512, fma=tuple((w, c, min(w, 8) * 12.5) for w in capabilities.FMA_WIDTHS
+                                     for c in capabilities.FMA_CHAINS))
 AVX2 = dict(widths=(("float", WIDTHS[:-1]), ("half", WIDTHS[:-1]), ("double", WIDTHS[:-2])),
-            fast_width=8, registers=16)
+            fast_width=8, registers=16, fma=())
 
 
 def problem(shape=(1, 64, 14, 14), weight=(64, 64, 3, 3), padding=1, dtype="float32",
@@ -164,6 +170,16 @@ def test_heuristics_fit_the_device_class(info):
     avx512 = gemm.default_config(p, with_caps(info, **AVX512))
     avx2 = gemm.default_config(p, with_caps(info, **AVX2))
     assert (avx512["tk"], avx512["tv"], avx512["tw"]) == (8, 1, 16)
+    split = gemm.default_config(p, with_caps(info, **SPLIT_WIDTH))
+    assert (split["tk"], split["tv"], split["tw"]) == (8, 1, 16)
+    full = gemm.default_config(p, with_caps(info, **FULL_WIDTH))
+    assert (full["tk"], full["tv"], full["tw"]) == (8, 2, 16)
+    assert with_caps(info, **FULL_WIDTH).capabilities.full_width_fma
+    assert not with_caps(info, **SPLIT_WIDTH).capabilities.full_width_fma
+    # Two vectors only where they pad the positions by 10% at most: 7x7's 49 take 64 either
+    # way, 5x5's 25 would take 64 instead of 32.
+    small = problem(shape=(1, 256, 5, 5), weight=(256, 256, 3, 3))
+    assert gemm.default_config(small, with_caps(info, **FULL_WIDTH))["tv"] == 1
     assert (avx2["tk"], avx2["tv"], avx2["tw"]) == (6, 2, 8)
     gpu_info = with_caps(info, is_cpu=False, fast_width=None, registers=None,
                          widths=AVX512["widths"], gpu_accumulators=128)

@@ -333,16 +333,19 @@ def register_tile_default(problem, info, positions, most_ly, channels="tk", of="
     most_ly channel blocks per work-group on a CPU (channels, of: as register_tile_problem)."""
     per_group = channels_per_group(problem, of)
     if info.is_cpu:
-        # The hardware vector, two of them up to 16 positions (one when two would pad the
-        # positions by 10% more: 512@7's 61 positions in 4 tiles of 16 ran 1.3x faster than
-        # in 8 of 8), and as many channels as the registers hold beside two vectors' sums,
-        # inputs and a broadcast weight, up to MAX_TILE_CHANNELS: 6 x 2 x 8 on AVX2's 16
-        # registers (measured: ~190 GFLOP/s of a 234 peak on a 1x1 layer), 8 x 1 x 16 on
-        # AVX-512's 32 (2-10% faster than 6 x 2 x 8 there).
-        tw = row_width(problem, info, 16)
-        tv = 2 if (2 * tw <= 16 and round_up(positions, 2 * tw)
-                   <= 1.1 * round_up(positions, tw)) else 1
+        # The hardware vector, two of them up to 16 positions, and beyond where its FMAs
+        # run at full width: each loaded vector feeds tk FMAs, each broadcast weight tv, and
+        # one vector left a full-width unit waiting on loads (Intel Xeon, AVX-512: 8 x 2 x 16
+        # 1.1-1.4x faster than 8 x 1 x 16; on a Zen 4, which splits 512-bit FMAs, 8 x 1 x 16
+        # ran 2-10% faster than 6 x 2 x 8). One vector when two would pad the positions by
+        # 10% more (512@7's 61 positions in 4 tiles of 16 ran 1.3x faster than in 8 of 8).
+        # As many channels as the registers hold beside two vectors' sums, inputs and a
+        # broadcast weight, up to MAX_TILE_CHANNELS: 6 x 2 x 8 on AVX2's 16 registers
+        # (~190 GFLOP/s of a 234 peak on a 1x1 layer), 8 x 2 x 16 or 8 x 1 x 16 on 32.
         caps = of_info(info)
+        tw = row_width(problem, info, 16)
+        tv = 2 if ((2 * tw <= 16 or caps.full_width_fma) and round_up(positions, 2 * tw)
+                   <= 1.1 * round_up(positions, tw)) else 1
         most = max((tk for tk in range(1, MAX_TILE_CHANNELS + 1)
                     if tile_registers(problem, caps, tk, 2, tw) <= caps.vector_registers),
                    default=1)

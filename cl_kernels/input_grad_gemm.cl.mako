@@ -2,13 +2,15 @@
 ## derives the phases and their taps).
 ##
 ## Each phase's tiles are a range of dimension 0 of one kernel (so one launch computes them
-## all). A work-item of phase i holds tc input channels x tv
-## vectors of tw of the phase's positions, summed over the group's output channels and the
-## phase's taps; each tap is one dense read of the staged dy grid at a constant offset and one
-## broadcast weight (w as it is: the offsets do the flip). Grid position p = u * cols + v is
-## target position (a + SH*u, b + SW*v); positions with v >= the phase's columns are computed
-## and dropped. Unstaged (a 1x1 kernel without padding), the grid is dy itself and the last
-## tiles read lane by lane, clamped into the plane.
+## all). A work-item of phase i holds tc input channels x tv vectors of tw of the phase's
+## positions, summed over the group's output channels and the phase's taps; each tap is one
+## dense read of the staged dy grid at a constant offset and one broadcast weight (the offsets
+## do the flip). The weight is w as it is, or with wt=1 each group's channels swapped
+## (transpose_weight.cl.mako): a work-item's weights then follow each other in memory instead
+## of lying a whole output channel's weights apart. Grid position p = u * cols + v is target
+## position (a + SH*u, b + SW*v); positions with v >= the phase's columns are computed and
+## dropped. Unstaged (a 1x1 kernel without padding), the grid is dy itself and the last tiles
+## read lane by lane, clamped into the plane.
 ##
 ## Global range: (every phase's position tiles, groups * channel blocks, batch), rounded up
 ## to the work-group size; the surplus work-items return at once (no barriers).
@@ -59,7 +61,7 @@ typedef ${idx_t} idx_t;
         }
         dk += ${plane};
 % for t in range(tc):
-        w${t} += ${cin_g * KHW};
+        w${t} += ${KHW if transposed_weight else cin_g * KHW};
 % endfor
     }
 </%def>
@@ -74,7 +76,12 @@ typedef ${idx_t} idx_t;
 % if phase.taps:
     __global const ${storage_t} *dk = dy + dy_off + ((idx_t)n * ${cout} + g * ${cout_g}) * ${plane};
 % for t in range(tc):
-    __global const ${storage_t} *w${t} = w + w_off + (idx_t)(g * ${cout_g * cin_g} + ${'min(c0 + %d, %d)' % (t, cin_g - 1) if ragged_c else 'c0 + %d' % t}) * ${KHW};
+<% channel = 'min(c0 + %d, %d)' % (t, cin_g - 1) if ragged_c else 'c0 + %d' % t %>\
+% if transposed_weight:
+    __global const ${storage_t} *w${t} = w + w_off + ((idx_t)g * ${cin_g} + ${channel}) * ${cout_g * KHW};
+% else:
+    __global const ${storage_t} *w${t} = w + w_off + (idx_t)(g * ${cout_g * cin_g} + ${channel}) * ${KHW};
+% endif
 % endfor
 % if phase.tiles * T - 1 + phase.reach < plane:
 ${taps(phase, True)}

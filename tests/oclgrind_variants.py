@@ -317,6 +317,12 @@ def input_grad_variants():
     yield ("igemm-depthwise-mult2-s2", op, (1, 3, 9, 11), (6, 1, 3, 3), False,
            dict(stride=2, padding=1, groups=3, padding_mode="replicate"), "float32",
            gemm(1, 4, 8))
+    # wt=1: the weight's channels swapped first (groups, a ragged channel block, dtypes).
+    yield ("igemm-transposed-g2-ragged", op, (2, 6, 7, 9), (4, 3, 3, 3), False,
+           dict(stride=2, padding=1, groups=2), "float32", gemm(2, 2, 4, wt=1))
+    for dtype in ("float16", "float64"):
+        yield (f"igemm-transposed-{dtype}", op, (1, 3, 5, 6), (4, 3, 3, 3), False,
+               dict(padding=1), dtype, gemm(2, 1, 4, wt=1))
     for dtype in DTYPES:
         tile = (1, 1) if dtype == "float64" else (2, 1)
         yield (f"igemm-tw16-{dtype}", op, (1, 3, 5, 19), (4, 3, 3, 3), False,

@@ -276,6 +276,21 @@ def test_every_algorithm_float16(name, case_id):
         run_case(CASES[case_id], np.float16, f"{name} {case_id}")
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16"])
+def test_input_grad_gemm_with_the_weight_transposed(dtype, has_fp64):
+    # wt=1 on every case with several channels a side per group (strides, dilations,
+    # groups, padding modes, unbatched), beside the heuristic's choice, which transposes
+    # only large weights read many times.
+    from clconv.algorithms.input_grad_gemm import transposable
+    _need_fp64(np.dtype(dtype), has_fp64)
+    ids = {"float32": F32, "float64": F64, "float16": F16}[dtype]
+    chosen = [case_id for case_id in ids if transposable(problem_of(CASES[case_id], dtype))]
+    assert chosen, "no matrix case takes wt=1"
+    with clconv.use_algorithm("input_grad_gemm", wt=1):
+        for case_id in chosen:
+            run_case(CASES[case_id], np.dtype(dtype).type, f"wt=1 {case_id}")
+
+
 def test_every_gradient_algorithm_is_exercised():
     """Every gradient algorithm runs on the matrix: by the heuristic's choice or forced."""
     info = clconv.device_info(clconv.queue_for().device)

@@ -14,7 +14,9 @@ and probe source, and the result is cached on disk (cache_dir()/capabilities):
   instructions: PoCL 3.1's AVX-512 code on a Zen 4 runs float16 at float8's rate, and the
   GEMMs ran 2-10% faster with it), and the register
   file is 32 vectors if 28 chains of it (plus the two operands) still run at REGISTER_SHARE of
-  that rate, else 16 (AVX-512 targets have 32, AVX2 ones 16).
+  that rate, else 16 (AVX-512 targets have 32, AVX2 ones 16). The same rates tell whether
+  the hardware vector's FMAs run at full width (full_width_fma: Intel's AVX-512 cores) or
+  in halves (a Zen 4).
 
 The probe runs in a child process (`python -c` running `_main`), so a compiler that
 crashes costs one width of the probe, not the caller's process: the crashed check counts as

@@ -153,6 +153,21 @@ def with_scratch(first, then, scratch_elements, dtype, role):
     return run
 
 
+def with_prepared_operand(prepare, main, operand, role, scratch_elements, itemsize,
+                          batched=False):
+    """run(): prepare (a Step on (inputs[operand], scratch), then (0, batch) when batched)
+    writes the operand in the layout main reads into a scratch buffer (for role) of
+    scratch_elements(batch) values; main then runs with that buffer in the operand's place."""
+    def run(queue, inputs, output, batch, wait_for):
+        buffer = scratch_buffer(queue, role, scratch_elements(batch), itemsize)
+        into = (buffer, 0, batch) if batched else (buffer,)
+        first = prepare(queue, batch, *inputs[operand], *into, wait_for=wait_for)
+        inputs = list(inputs)
+        inputs[operand] = (buffer, 0)
+        return [first] + main(queue, inputs, output, batch, [first])
+    return run
+
+
 # sum_splits: the partial sums (acc_t), then the output.
 SUM_SPLITS_ARGS = (Buffer("partial", "acc_t", offset=False), Buffer("out", const=False))
 

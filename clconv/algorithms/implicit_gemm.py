@@ -15,7 +15,7 @@ from ..problem import INT32_LIMIT
 from .base import (BATCH, Algorithm, Buffer, Param, build_step, channel_blocks,
                    channels_per_group, even_split,
                    fitting_work_group, index_type, param_named, pow2_at_most, round_up,
-                   scratch_buffer, work_group_problem)
+                   with_prepared_operand, work_group_problem)
 from .direct import UNROLL_KW, VECTOR_WIDTHS, geometry, row_width, tile_problem
 
 # Channels per CPU work-item at most: each reads its own weight row, and more rows than
@@ -188,16 +188,10 @@ def staging_launcher(problem, queue, layout, main, planes=None, operand=0):
              width=planes.width, channels=planes.channels, padding_mode=planes.padding_mode),
         (Buffer("x"), Buffer("xs", const=False), BATCH),
         lambda batch: (layout.phases[0] * layout.rows, batch * planes.channels))
-    itemsize = problem.numpy_dtype.itemsize
-
-    def run(queue, inputs, output, batch, wait_for):
-        scratch = scratch_buffer(queue, f"staged{operand}",
-                                 layout.elements(batch, planes.channels), itemsize)
-        first = stage(queue, batch, *inputs[operand], scratch, 0, batch, wait_for=wait_for)
-        inputs = list(inputs)
-        inputs[operand] = (scratch, 0)
-        return [first] + main(queue, inputs, output, batch, [first])
-    return run
+    return with_prepared_operand(
+        stage, main, operand, f"staged{operand}",
+        lambda batch: layout.elements(batch, planes.channels), problem.numpy_dtype.itemsize,
+        batched=True)
 
 
 def packable(problem):
@@ -233,14 +227,9 @@ def packing_launcher(problem, queue, layout, main):
              channels=channels, tiles=tiles, T=tile),
         (Buffer("x"), Buffer("xp", const=False), BATCH),
         lambda batch: (tiles, batch * channels))
-    itemsize = problem.numpy_dtype.itemsize
-
-    def run(queue, inputs, output, batch, wait_for):
-        scratch = scratch_buffer(queue, "packed input", packed_elements(problem, layout, batch),
-                                 itemsize)
-        first = pack(queue, batch, *inputs[0], scratch, 0, batch, wait_for=wait_for)
-        return [first] + main(queue, [(scratch, 0)] + list(inputs[1:]), output, batch, [first])
-    return run
+    return with_prepared_operand(
+        pack, main, 0, "packed input", lambda batch: packed_elements(problem, layout, batch),
+        problem.numpy_dtype.itemsize, batched=True)
 
 
 def packed_elements(problem, layout, batch):

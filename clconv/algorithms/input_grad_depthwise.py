@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 
 from ..arrays import WORD_TYPES
-from .base import Algorithm, Buffer, build_step, scratch_buffer
+from .base import Algorithm, Buffer, build_step, with_prepared_operand
 from .depthwise import Depthwise
 
 DEPTHWISE = Depthwise()
@@ -67,9 +67,5 @@ class InputGradDepthwise(Algorithm):
                           dict(kernel_size=problem.kernel_size, channels=channels,
                                word_t=WORD_TYPES[itemsize]), FLIP_ARGS,
                           lambda batch: (kh * kw, channels))
-
-        def run(queue, inputs, output, batch, wait_for):
-            wf = scratch_buffer(queue, "flipped", channels * kh * kw, itemsize)
-            first = flip(queue, batch, *inputs[1], wf, wait_for=wait_for)
-            return [first] + main(queue, [inputs[0], (wf, 0)], output, batch, [first])
-        return run
+        return with_prepared_operand(flip, main, 1, "flipped",
+                                     lambda batch: channels * kh * kw, itemsize)

@@ -22,7 +22,7 @@ from ..arrays import WORD_TYPES
 from ..capabilities import of_info
 from ..problem import INT32_LIMIT
 from .base import (Algorithm, Buffer, Param, build_step, channel_blocks, fitting_work_group,
-                   index_type, operation_args, scratch_buffer, with_scratch)
+                   index_type, operation_args, with_prepared_operand, with_scratch)
 from .direct import UNROLL_KW, geometry
 from .implicit_gemm import (TV_VALUES, Grid, grid_problem, output_planes,
                             register_tile_default, register_tile_params, register_tile_problem,
@@ -229,8 +229,12 @@ def transposable(problem):
     return problem.cin_per_group > 1 and problem.cout_per_group > 1
 
 
+def weight_elements(problem):
+    return math.prod(problem.weight_shape)
+
+
 def weight_bytes(problem):
-    return math.prod(problem.weight_shape) * problem.numpy_dtype.itemsize
+    return weight_elements(problem) * problem.numpy_dtype.itemsize
 
 
 def transposing_launcher(problem, queue, main):
@@ -238,7 +242,7 @@ def transposing_launcher(problem, queue, main):
     then main on it."""
     kh, kw = problem.kernel_size
     cin_g, cout_g = problem.cin_per_group, problem.cout_per_group
-    elements = math.prod(problem.weight_shape)
+    elements = weight_elements(problem)
     itemsize = problem.numpy_dtype.itemsize
     transpose = build_step(
         queue, "transpose_weight.cl.mako", "transpose_weight",
@@ -247,12 +251,8 @@ def transposing_launcher(problem, queue, main):
              idx_t="long" if elements > INT32_LIMIT else "int"),
         TRANSPOSE_ARGS, lambda batch: (cin_g * kh * kw, problem.groups * cout_g))
 
-    def run(queue, inputs, output, batch, wait_for):
-        wt = scratch_buffer(queue, "transposed weight", elements, itemsize)
-        first = transpose(queue, batch, *inputs[1], wt, wait_for=wait_for)
-        return [first] + main(queue, [inputs[0], (wt, 0)] + list(inputs[2:]), output, batch,
-                              [first])
-    return run
+    return with_prepared_operand(transpose, main, 1, "transposed weight",
+                                 lambda batch: elements, itemsize)
 
 
 def fold_launcher(problem, queue, constants, main):

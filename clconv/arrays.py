@@ -70,17 +70,20 @@ def host_buffer(queue, a, flags):
     return cl.Buffer(queue.context, flags | cl.mem_flags.USE_HOST_PTR, hostbuf=a)
 
 
-def to_host(queue, buffer, a, wait_for):
-    """Wait for wait_for, then make the device's writes to buffer (made over a's memory by
-    host_buffer) visible in a: a map and unmap, which copy nothing where the memory is
-    shared (and a copy where a driver maps elsewhere)."""
-    mapped, _ = cl.enqueue_map_buffer(queue, buffer, cl.map_flags.READ, 0, a.shape, a.dtype,
-                                      wait_for=wait_for, is_blocking=True)
-    if mapped.ctypes.data != a.ctypes.data:
-        a[...] = mapped
-    # Not waited for: unmapping a read-only map moves no data, and each wait on PoCL costs
-    # a round trip of ~50 µs.
-    mapped.base.release(queue)
+def to_host(queue, outputs):
+    """For each (buffer, a, wait_for) of outputs: wait for wait_for, then make the device's
+    writes to buffer (made over a's memory by host_buffer) visible in a: a map and unmap,
+    which copy nothing where the memory is shared (and a copy where a driver maps
+    elsewhere). One wait for all: each wait on PoCL costs a round trip of ~50-100 µs."""
+    maps = [cl.enqueue_map_buffer(queue, buffer, cl.map_flags.READ, 0, a.shape, a.dtype,
+                                  wait_for=wait_for, is_blocking=False)
+            for buffer, a, wait_for in outputs]
+    cl.wait_for_events([event for _, event in maps])
+    for (mapped, _), (_, a, _) in zip(maps, outputs):
+        if mapped.ctypes.data != a.ctypes.data:
+            a[...] = mapped
+        # Not waited for: unmapping a read-only map moves no data.
+        mapped.base.release(queue)
 
 
 def upload(queue, a, role):

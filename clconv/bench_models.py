@@ -77,7 +77,8 @@ class ModelRow:
         return min(self.torch_ms) / min(self.clconv_ms)
 
 
-CALLS = ("conv2d", "conv2d_input_grad", "conv2d_weight_grad", "conv2d_bias_grad")
+CALLS = ("conv2d", "conv2d_backward", "conv2d_input_grad", "conv2d_weight_grad",
+         "conv2d_bias_grad")
 
 
 def clconv_breakdown(run):

@@ -7,10 +7,13 @@ split reduction over batch and rows, conv2d_bias_grad a per-channel sum.
 """
 from __future__ import annotations
 
+import numpy as np
+
 from .algorithms import bias_grad
 from .algorithms.base import freeze
 from .capabilities import device_info
-from .functional import _operand, _resolve_queue, check_operand, launch_into, run
+from .functional import (_operand, _resolve_queue, check_operand, finish, run, start,
+                         start_into)
 from .limits import check_device_limits, check_fp64
 from .problem import dtype_name, make_problem
 from .programs import ContextMemo
@@ -44,11 +47,46 @@ def conv2d_weight_grad(input, weight_shape, grad_output, stride=1, padding=0, di
 
 def _gradient(operation, problem, unbatched, dy, operands, out_shape, queue):
     """Check grad_output against the problem, then run the operation on operands."""
+    queue = _checked_queue(problem, unbatched, dy, queue, *operands)
+    return run(problem, queue, operation, operands, out_shape)
+
+
+def _checked_queue(problem, unbatched, dy, queue, *operands):
+    """The queue of a gradient call on operands, once grad_output and the device's limits
+    are checked against the problem."""
     output_shape = problem.output_shape[1:] if unbatched else problem.output_shape
     check_operand(dy, "grad_output", output_shape, problem.dtype)
     queue = _resolve_queue(queue, *operands)
     check_device_limits(problem, queue.device)
-    return run(problem, queue, operation, operands, out_shape)
+    return queue
+
+
+def conv2d_backward(input, weight, grad_output, stride=1, padding=0, dilation=1, groups=1,
+                    padding_mode="zeros", *, output_mask=(True, True, True), queue=None):
+    """(d input, d weight, d bias) of conv2d at once, as torch's convolution_backward: None
+    where output_mask (three bools) is False. Each is what conv2d_input_grad,
+    conv2d_weight_grad and conv2d_bias_grad return, but a NumPy call waits once for all."""
+    mask = _output_mask(output_mask)
+    x = _operand(input, "input")
+    w = _operand(weight, "weight")
+    dy = _operand(grad_output, "grad_output")
+    problem, unbatched = make_problem(x.shape, x.dtype, w.shape, w.dtype, None, None, stride,
+                                      padding, dilation, groups, padding_mode)
+    queue = _checked_queue(problem, unbatched, dy, queue, x, w)
+    started = [start(problem, queue, "input_grad", [dy, w], x.shape) if mask[0] else None,
+               start(problem, queue, "weight_grad", [x, dy], w.shape) if mask[1] else None,
+               _start_bias_grad(dy, queue) if mask[2] else None]
+    return tuple(finish(queue, started))
+
+
+def _output_mask(value):
+    try:
+        mask = tuple(value)
+    except TypeError:
+        mask = None
+    if mask is None or len(mask) != 3 or not all(isinstance(m, (bool, np.bool_)) for m in mask):
+        raise TypeError(f"output_mask must be three bools (input, weight, bias), got {value!r}")
+    return mask
 
 
 def conv2d_bias_grad(grad_output, *, queue=None):
@@ -58,12 +96,17 @@ def conv2d_bias_grad(grad_output, *, queue=None):
     if dy.ndim not in (3, 4):
         raise ValueError("grad_output must be 3-D (C, H, W) unbatched or 4-D (N, C, H, W), "
                          f"got shape {tuple(dy.shape)}")
+    queue = _resolve_queue(queue, dy)
+    return finish(queue, [_start_bias_grad(dy, queue)])[0]
+
+
+def _start_bias_grad(dy, queue):
+    """Enqueue the bias gradient of a 3-D or 4-D grad_output dy (see start_into)."""
     dtype = dtype_name(dy.dtype, "grad_output")
     n, c, h, w = (1,) + tuple(dy.shape) if dy.ndim == 3 else tuple(dy.shape)
-    queue = _resolve_queue(queue, dy)
     check_fp64(dtype, device_info(queue.device))
-    return launch_into(lambda: _bias_launch(queue, n, c, h * w, dtype), queue, [dy], (c,),
-                       dy.dtype, n)
+    return start_into(lambda: _bias_launch(queue, n, c, h * w, dtype), queue, [dy], (c,),
+                      dy.dtype, n)
 
 
 _bias_launches = ContextMemo()

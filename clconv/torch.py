@@ -30,6 +30,12 @@
   BatchNorm folded into the convolutions and residual additions and activations fused into
   their epilogues.
 
+Eager calls that nothing observes (no tracing, compiling, profiler, torch function or
+dispatch mode, functorch transform; plain tensors) skip torch's dispatcher: an unrecorded
+call runs the operator's kernel, a recorded one the operator's autograd.Function
+(_RecordedConv2d), whose backward computes every gradient asked for in one
+clconv.conv2d_backward call. Anything observed goes through the registered operators.
+
 Cost: tensors live in torch's (CPU) memory. On a device that computes in the host's memory
 (a CPU device) contiguous tensors are handed to the kernels in place and the result is
 written into a tensor's own memory (a channels_last tensor is made contiguous first, and
@@ -236,9 +242,16 @@ def _recording(tensors):
         isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
 
 
-def _dispatch(op, kernel, tensors, *args):
-    """op(*args), or its kernel(*args) directly where nothing would see the operator."""
-    return (kernel if not _recording(tensors) and _unobserved(tensors) else op)(*args)
+def _dispatch(op, kernel, tensors, *args, recorded=None):
+    """op(*args), or its kernel(*args) directly where nothing would see the operator.
+    recorded: with the op's autograd.Function, the call for when autograd records and
+    nothing else would see the operator (else op)."""
+    recording = _recording(tensors)
+    if not _unobserved(tensors):
+        return op(*args)
+    if recording:
+        return (recorded or op)(*args)
+    return kernel(*args)
 
 
 def _unobserved(tensors):
@@ -274,6 +287,20 @@ def _backward(ctx, grad_output):
     input, weight = ctx.saved_tensors
     needs = ctx.needs_input_grad
     grads = [None] * ctx.n_inputs
+    if needs[3]:
+        grads[3] = grad_output          # a fused residual has exactly the output's shape
+    tensors = (input, weight, grad_output)
+    if not _recording(tensors) and _unobserved(tensors):
+        # What the gradient operators' kernels compute, in one call that waits once.
+        results = clconv.conv2d_backward(
+            _numpy(input, "input"), _numpy(weight, "weight"),
+            _numpy(grad_output, "grad_output"), *_core(*ctx.geometry),
+            output_mask=tuple(needs[:3]))
+        grads[:3] = [None if r is None else torch.from_numpy(r) for r in results]
+        for i in (0, 1):
+            if grads[i] is not None:
+                grads[i] = _formatted(grads[i], ctx.memory_format)
+        return tuple(grads)
     if needs[0]:
         grads[0] = _formatted(_dispatch(_input_grad_op, _input_grad_kernel,
                                         (weight, grad_output), list(input.shape), weight,
@@ -284,8 +311,6 @@ def _backward(ctx, grad_output):
                                         grad_output, *ctx.geometry), ctx.memory_format)
     if needs[2]:
         grads[2] = _dispatch(_bias_grad_op, _bias_grad_kernel, (grad_output,), grad_output)
-    if needs[3]:
-        grads[3] = grad_output          # a fused residual has exactly the output's shape
     return tuple(grads)
 
 
@@ -295,6 +320,22 @@ def _no_double_backward(ctx, *grads):
 
 
 _conv2d_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _RecordedConv2d(torch.autograd.Function):
+    """clconv::conv2d's autograd without the dispatcher, for a recorded call nothing else
+    sees (_unobserved): the registered operator's own context and backward, without its
+    ~0.3 ms a call of dispatch and argument handling (forward and backward together)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _conv2d_kernel(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return _backward(ctx, grad_output)
 for _op in (_input_grad_op, _weight_grad_op, _bias_grad_op):
     _op.register_autograd(_no_double_backward)
 
@@ -328,7 +369,8 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1,
     fuse_activation = fuse_residual and not _recording(tensors)
     y = _dispatch(_conv2d_op, _conv2d_kernel, tensors, input, weight, bias,
                   residual if fuse_residual else None,
-                  activation if fuse_activation else None, *geometry)
+                  activation if fuse_activation else None, *geometry,
+                  recorded=_RecordedConv2d.apply)
     if not fuse_residual:
         y = y + residual
     if activation is not None and not fuse_activation:

@@ -21,6 +21,8 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import clconv  # noqa: E402
+import clconv.arrays  # noqa: E402
+import clconv.planner  # noqa: E402
 from clconv import algorithms  # noqa: E402
 from clconv.problem import make_problem  # noqa: E402
 
@@ -438,6 +440,83 @@ def test_device_arrays_in_device_arrays_out(queue):
         assert y.queue is queue, name
         assert_within(y.get(), *exp[name], dtype=np.float32, label=f"device {name}")
     np.testing.assert_array_equal(gd.get(), g)   # operands untouched
+
+
+MASKS = [(True, True, True), (True, False, False), (False, True, True), (False, False, False)]
+
+
+@pytest.mark.parametrize("case_id", ["reflect_same_k4_g2", "unbatched", "batch0_reflect_s2",
+                                     "k3_s2_p1"])
+def test_backward_is_the_three_gradients_at_once(case_id):
+    c = CASES[case_id]
+    x, w, _, g = grad_data(c, np.float32, salt=4)
+    separate = (clconv.conv2d_input_grad(x.shape, w, g, **c.kwargs()),
+                clconv.conv2d_weight_grad(x, w.shape, g, **c.kwargs()),
+                clconv.conv2d_bias_grad(g))
+    exp = expected_grads(c, np.float32, x, w, g)
+    for mask in MASKS:
+        got = clconv.conv2d_backward(x, w, g, **c.kwargs(), output_mask=mask)
+        assert len(got) == 3
+        for name, wanted, y, alone in zip(("input", "weight", "bias"), mask, got, separate):
+            if not wanted:
+                assert y is None, f"{case_id} {mask}: {name} not asked for"
+                continue
+            np.testing.assert_array_equal(y, alone, err_msg=f"{case_id} {mask} {name}")
+            assert_within(y, *exp[name], dtype=np.float32, label=f"backward {case_id} {name}")
+
+
+def test_backward_waits_once_for_every_gradient(monkeypatch):
+    c = CASES["reflect_same_k4_g2"]
+    x, w, _, g = grad_data(c, np.float32, salt=5)
+    expected = clconv.conv2d_backward(x, w, g, **c.kwargs())
+    waits, real = [], clconv.arrays.to_host
+
+    def counted(queue, outputs):
+        waits.append(len(outputs))
+        return real(queue, outputs)
+
+    monkeypatch.setattr(clconv.arrays, "to_host", counted)
+    got = clconv.conv2d_backward(x, w, g, **c.kwargs())
+    if clconv.arrays.shares_host_memory(clconv.queue_for()):
+        assert waits == [3]       # three results written in place, one wait
+    for a, b in zip(got, expected):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_backward_device_arrays_in_device_arrays_out(queue):
+    c = CASES["k3_s2_p1"]
+    x, w, _, g = grad_data(c, np.float32, salt=6)
+    exp = expected_grads(c, np.float32, x, w, g)
+    xd, wd, gd = (cl_array.to_device(queue, a) for a in (x, w, g))
+    got = clconv.conv2d_backward(xd, wd, gd, **c.kwargs())
+    for name, y in zip(("input", "weight", "bias"), got):
+        assert isinstance(y, cl_array.Array) and y.queue is queue, name
+        assert_within(y.get(), *exp[name], dtype=np.float32, label=f"device backward {name}")
+
+
+@pytest.mark.parametrize("mask", [(True, True), (1, 1, 1), "yes", None, (True, True, None)])
+def test_backward_output_mask_must_be_three_bools(mask):
+    x, w, g = _ok()
+    with pytest.raises(TypeError, match="output_mask must be three bools"):
+        clconv.conv2d_backward(x, w, g, groups=2, output_mask=mask)
+
+
+def test_backward_checks_before_any_device_work(monkeypatch):
+    x, w, g = _ok()
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("device work started before the arguments were rejected")
+
+    monkeypatch.setattr(clconv.planner, "plan", forbidden)
+    monkeypatch.setattr(clconv.arrays, "operand", forbidden)
+    with pytest.raises(ValueError, match="grad_output"):
+        clconv.conv2d_backward(x, w, g[:, :5], groups=2)
+    with pytest.raises(ValueError, match="groups"):
+        clconv.conv2d_backward(x, w, g, groups=3)
+    with pytest.raises(TypeError, match="weight"):
+        clconv.conv2d_backward(x, w.astype(np.float64), g, groups=2)
+    with pytest.raises(TypeError, match="input"):
+        clconv.conv2d_backward([1.0], w, g, groups=2)
 
 
 def test_device_noncontiguous_views(queue):

@@ -7,6 +7,7 @@ torch = pytest.importorskip("torch")
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
+import clconv  # noqa: E402
 import clconv.torch as ct  # noqa: E402
 
 # (input shape (None as batch = unbatched), out channels, kernel, nn.Conv2d keyword arguments)
@@ -629,8 +630,15 @@ def test_eager_inference_runs_the_kernel_without_the_dispatcher(monkeypatch):
     # grad enabled, nothing requires it: autograd records nothing either
     ct.conv2d(x, w.detach(), b, padding=1)
     assert not calls
-    recorded = ct.conv2d(x, w, b, padding=1)      # w requires grad: through the operator
-    assert len(calls) == 1 and recorded.requires_grad
+    # w requires grad: autograd records the operator's own autograd.Function, no dispatch
+    recorded = ct.conv2d(x, w, b, padding=1)
+    assert not calls and type(recorded.grad_fn).__name__ == "_RecordedConv2dBackward"
+    through_operator = torch.ops.clconv.conv2d(x, w, b, None, None,
+                                               *ct._geometry(1, 1, 1, 1, "zeros"))
+    grad = torch.randn_like(recorded)
+    assert torch.equal(recorded, through_operator)
+    assert torch.equal(torch.autograd.grad(recorded, w, grad)[0],
+                       torch.autograd.grad(through_operator, w, grad)[0])
 
 
 def test_eager_backward_runs_the_gradient_kernels_without_the_dispatcher(monkeypatch):
@@ -638,12 +646,17 @@ def test_eager_backward_runs_the_gradient_kernels_without_the_dispatcher(monkeyp
     for name in ("_input_grad_op", "_weight_grad_op", "_bias_grad_op"):
         op = getattr(ct, name)
         monkeypatch.setattr(ct, name, lambda *args, op=op: calls.append(1) or op(*args))
+    backward_calls, real = [], clconv.conv2d_backward
+    monkeypatch.setattr(clconv, "conv2d_backward",
+                        lambda *args, **kwargs: backward_calls.append(kwargs["output_mask"])
+                        or real(*args, **kwargs))
     module, x = make_pair(*GRAD_CASES["stride2-pad1"], torch.float32)
     converted = ct.convert(copy.deepcopy(module))
     leaves = x.detach().clone().requires_grad_(True)
     converted(leaves).square().sum().backward()
     module(x).square().sum().backward()
     assert not calls
+    assert backward_calls == [(True, True, True)]     # one call (and one wait) for all three
     torch.testing.assert_close(leaves.grad, x.grad, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(converted.weight.grad, module.weight.grad, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(converted.bias.grad, module.bias.grad, rtol=1e-4, atol=1e-4)
@@ -673,7 +686,11 @@ def test_modes_profilers_and_tracing_still_see_the_operator(monkeypatch):
         assert "clconv::conv2d" in {e.key for e in profile.key_averages()}
         # a tensor subclass may dispatch on its own: it goes through the operator
         ct.conv2d(x.as_subclass(_Subclass), w, padding=1)
-    assert len(calls) == 3
+    with _Seen() as seen:                         # and so does a recorded call under a mode
+        ct.conv2d(x, w.requires_grad_(), padding=1).sum().backward()
+    assert "clconv.conv2d.default" in seen.names
+    assert "clconv.conv2d_weight_grad.default" in seen.names
+    assert len(calls) == 4
 
 
 class _Subclass(torch.Tensor):

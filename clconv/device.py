@@ -68,6 +68,7 @@ class DeviceInfo:
     fp64: bool
     local_memory: bool = False      # dedicated local memory (not emulated in global memory)
     host_unified_memory: bool = False   # computes in the host's memory (a CPU device)
+    cacheline: int = 64             # bytes of a global memory cache line
     # What the device's compiler really does (clconv.capabilities.Capabilities): probed
     # above this layer, so None in the queried facts.
     capabilities: object = None
@@ -89,6 +90,7 @@ class DeviceInfo:
             fp64="cl_khr_fp64" in ext or device.double_fp_config != 0,
             local_memory=device.local_mem_type == cl.device_local_mem_type.LOCAL,
             host_unified_memory=_host_unified(device),
+            cacheline=device.global_mem_cacheline_size or 64,
         )
 
 

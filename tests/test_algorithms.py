@@ -76,7 +76,7 @@ def packed_cases(ids, dtype):
 @pytest.mark.parametrize("dtype", ["float32", "float64", "float16"])
 def test_implicit_gemm_with_packed_input(monkeypatch, dtype):
     # pack=1 on every 1x1 unpadded case (strides, groups, batches, unbatched), beside the
-    # heuristic's choice, which packs only from 256 output channels
+    # heuristic's choice, which packs only from 256 output channels (and short tiles)
     monkeypatch.setenv("CLCONV_TUNE", "off")
     ids = {"float32": list(ALL), "float64": F64, "float16": F16}[dtype]
     chosen = packed_cases(ids, dtype)

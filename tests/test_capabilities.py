@@ -176,6 +176,15 @@ def test_heuristics_fit_the_device_class(info):
     assert (full["tk"], full["tv"], full["tw"]) == (8, 2, 16)
     assert with_caps(info, **FULL_WIDTH).capabilities.full_width_fma
     assert not with_caps(info, **SPLIT_WIDTH).capabilities.full_width_fma
+    # pack=1 from 256 output channels, where a tile's run of a channel plane fits one cache
+    # line: 1 x 16 floats, not 2 x 16 (unless the lines are 128 bytes).
+    one_by_one = problem(shape=(1, 64, 56, 56), weight=(256, 64, 1, 1), padding=0)
+    assert gemm.default_config(one_by_one, with_caps(info, **SPLIT_WIDTH))["pack"] == 1
+    assert gemm.default_config(one_by_one, with_caps(info, **FULL_WIDTH))["pack"] == 0
+    wide_lines = dataclasses.replace(with_caps(info, **FULL_WIDTH), cacheline=128)
+    assert gemm.default_config(one_by_one, wide_lines)["pack"] == 1
+    fewer = problem(shape=(1, 64, 56, 56), weight=(128, 64, 1, 1), padding=0)
+    assert gemm.default_config(fewer, with_caps(info, **SPLIT_WIDTH))["pack"] == 0
     # Two vectors only where they pad the positions by 10% at most: 7x7's 49 take 64 either
     # way, 5x5's 25 would take 64 instead of 32.
     small = problem(shape=(1, 256, 5, 5), weight=(256, 256, 3, 3))

@@ -27,7 +27,10 @@ LARGE_IMAGE_BYTES = 4 << 20
 # The heuristic packs a 1x1 input (pack=1) from this many output channels per group: each
 # packed value then feeds that many FMAs, so the extra pass stays a few % of the GEMM, which
 # reads contiguous tiles 10-50% faster (measured on a Zen 4, PoCL 3.0's AVX2 code: 2048->512
-# @7 1.21 -> 0.79 ms, 64->256 @56 0.79 -> 0.71; 256->64 @56 0.53 -> 0.59 ms).
+# @7 1.21 -> 0.79 ms, 64->256 @56 0.79 -> 0.71; 256->64 @56 0.53 -> 0.59 ms). Only where a
+# tile's run of one channel plane fits one cache line, as there: runs of two lines (an Intel
+# Xeon's 2 x 16 floats) stream well unpacked, and the pass cost 0-3% from 256 input
+# channels, 10-20% below (64->256 @56 0.65 -> 0.75 ms, 96->576 @14 0.18 -> 0.21, wall clock).
 PACK_MIN_CHANNELS = 256
 
 
@@ -263,8 +266,10 @@ class ImplicitGemm(Algorithm):
         image_bytes = layout.elements(1, problem.in_channels) * problem.numpy_dtype.itemsize
         config = register_tile_default(problem, info, layout.positions,
                                        8 if image_bytes > LARGE_IMAGE_BYTES else 4)
+        tile = config["tv"] * config["tw"]
         pack = (problem.cout_per_group >= PACK_MIN_CHANNELS
-                and packing_problem(problem, info, config["tv"] * config["tw"]) is None)
+                and tile * problem.numpy_dtype.itemsize <= info.cacheline
+                and packing_problem(problem, info, tile) is None)
         return dict(config, ukw=0, pack=int(pack))
 
     def constants(self, problem, config):

@@ -320,6 +320,8 @@ def _no_double_backward(ctx, *grads):
 
 
 _conv2d_op.register_autograd(_backward, setup_context=_setup_context)
+for _op in (_input_grad_op, _weight_grad_op, _bias_grad_op):
+    _op.register_autograd(_no_double_backward)
 
 
 class _RecordedConv2d(torch.autograd.Function):
@@ -336,8 +338,6 @@ class _RecordedConv2d(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         return _backward(ctx, grad_output)
-for _op in (_input_grad_op, _weight_grad_op, _bias_grad_op):
-    _op.register_autograd(_no_double_backward)
 
 
 class Conv2dFunction:

@@ -30,6 +30,23 @@ def has_fp64(queue):
 
 
 @pytest.fixture
+def no_device_work(monkeypatch):
+    """Any launch, plan or upload fails the test."""
+    import clconv.arrays
+    import clconv.functional
+    import clconv.module
+    import clconv.planner
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("device work started before the arguments were rejected")
+
+    monkeypatch.setattr(clconv.functional, "run", forbidden)
+    monkeypatch.setattr(clconv.module, "run", forbidden)
+    monkeypatch.setattr(clconv.planner, "plan", forbidden)
+    monkeypatch.setattr(clconv.arrays, "operand", forbidden)
+
+
+@pytest.fixture
 def rng():
     return np.random.default_rng(1234)
 

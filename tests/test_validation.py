@@ -2,8 +2,9 @@
 
 Bad input must be rejected with ValueError or TypeError whose message names the argument and
 the rule, before any device work: the rejection tests replace the launch path
-(clconv.functional.run, clconv.module.run, clconv.planner.plan, clconv.arrays.operand) with
-functions that raise AssertionError, so a check that comes too late fails the test.
+(clconv.functional.run, clconv.module.run, clconv.planner.plan, clconv.arrays.operand: the
+conftest's no_device_work fixture) with functions that raise AssertionError, so a check that
+comes too late fails the test.
 
 Where torch rejects the same call too, the test also asserts that torch rejects it (any
 exception), so clconv never rejects what torch accepts by accident. Cases that clconv rejects
@@ -22,11 +23,8 @@ import torch.nn.functional as F
 
 import clconv
 import clconv.algorithms
-import clconv.arrays
 import clconv.device
-import clconv.functional
 import clconv.limits
-import clconv.module
 
 F32 = np.float32
 
@@ -37,18 +35,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:Initializing zero-element tensor
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
-
-@pytest.fixture
-def no_device_work(monkeypatch):
-    """Any launch, plan or upload fails the test."""
-    def forbidden(*args, **kwargs):
-        raise AssertionError("device work started before the arguments were rejected")
-
-    monkeypatch.setattr(clconv.functional, "run", forbidden)
-    monkeypatch.setattr(clconv.module, "run", forbidden)
-    monkeypatch.setattr(clconv.planner, "plan", forbidden)
-    monkeypatch.setattr(clconv.arrays, "operand", forbidden)
-
 
 @pytest.fixture
 def no_fp64(monkeypatch):

@@ -73,9 +73,16 @@ def conv2d_backward(input, weight, grad_output, stride=1, padding=0, dilation=1,
     problem, unbatched = make_problem(x.shape, x.dtype, w.shape, w.dtype, None, None, stride,
                                       padding, dilation, groups, padding_mode)
     queue = _checked_queue(problem, unbatched, dy, queue, x, w)
-    started = [start(problem, queue, "input_grad", [dy, w], x.shape) if mask[0] else None,
-               start(problem, queue, "weight_grad", [x, dy], w.shape) if mask[1] else None,
-               _start_bias_grad(dy, queue) if mask[2] else None]
+    starts = [lambda: start(problem, queue, "input_grad", [dy, w], x.shape),
+              lambda: start(problem, queue, "weight_grad", [x, dy], w.shape),
+              lambda: _start_bias_grad(dy, queue)]
+    started = []
+    try:
+        for wanted, begin in zip(mask, starts):
+            started.append(begin() if wanted else None)
+    except BaseException:
+        queue.finish()      # kernels already enqueued write into results about to be dropped
+        raise
     return tuple(finish(queue, started))
 
 

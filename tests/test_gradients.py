@@ -15,6 +15,7 @@ import os
 import sys
 
 import numpy as np
+import pyopencl as cl
 import pyopencl.array as cl_array
 import pytest
 
@@ -491,6 +492,41 @@ def test_backward_device_arrays_in_device_arrays_out(queue):
     for name, y in zip(("input", "weight", "bias"), got):
         assert isinstance(y, cl_array.Array) and y.queue is queue, name
         assert_within(y.get(), *exp[name], dtype=np.float32, label=f"device backward {name}")
+
+
+def test_backward_failing_after_a_launch_waits_for_it(monkeypatch):
+    # The input gradient's kernels write into a NumPy result that a failure of the weight
+    # gradient's launch drops: the call must wait for them before it raises.
+    c = CASES["k3_s2_p1"]
+    x, w, _, g = grad_data(c, np.float32, salt=7)
+    expected = clconv.conv2d_backward(x, w, g, **c.kwargs())
+    real_plan, real_start, started = clconv.planner.plan, clconv.gradients.start, []
+
+    def failing(problem, queue, operation="forward", epilogue=()):
+        if operation == "weight_grad":
+            raise RuntimeError("injected build failure")
+        return real_plan(problem, queue, operation, epilogue)
+
+    def recorded(*args):
+        started.append(real_start(*args))
+        return started[-1]
+
+    real_finish, finished = cl.CommandQueue.finish, []
+
+    def finish(queue):
+        real_finish(queue)
+        finished.append(all(e.command_execution_status == cl.command_execution_status.COMPLETE
+                            for s in started for e in s.events))
+
+    monkeypatch.setattr(clconv.planner, "plan", failing)
+    monkeypatch.setattr(clconv.gradients, "start", recorded)
+    monkeypatch.setattr(cl.CommandQueue, "finish", finish)
+    with pytest.raises(RuntimeError, match="injected"):
+        clconv.conv2d_backward(x, w, g, **c.kwargs())
+    assert len(started) == 1 and finished == [True]     # waited for, before the raise
+    monkeypatch.undo()
+    for a, b in zip(clconv.conv2d_backward(x, w, g, **c.kwargs()), expected):
+        np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("mask", [(True, True), (1, 1, 1), "yes", None, (True, True, None)])

@@ -70,11 +70,24 @@ def host_buffer(queue, a, flags):
     return cl.Buffer(queue.context, flags | cl.mem_flags.USE_HOST_PTR, hostbuf=a)
 
 
+def output_buffer(queue, a):
+    """A buffer for kernels to write the NumPy array a's values into, for to_host: over a's
+    own memory where the device shares the host's, else the device's own."""
+    if shares_host_memory(queue):
+        return host_buffer(queue, a, cl.mem_flags.READ_WRITE)
+    return cl.Buffer(queue.context, cl.mem_flags.READ_WRITE, a.nbytes)
+
+
 def to_host(queue, outputs):
     """For each (buffer, a, wait_for) of outputs: wait for wait_for, then make the device's
-    writes to buffer (made over a's memory by host_buffer) visible in a: a map and unmap,
-    which copy nothing where the memory is shared (and a copy where a driver maps
-    elsewhere). One wait for all: each wait on PoCL costs a round trip of ~50-100 µs."""
+    writes to buffer (output_buffer) visible in a: a map and unmap, which copy nothing where
+    the memory is shared (and a copy where a driver maps elsewhere), or a read of the
+    device's own buffer. One wait for all: each wait on PoCL costs a round trip of ~50-100 µs."""
+    if not shares_host_memory(queue):
+        cl.wait_for_events([cl.enqueue_copy(queue, a, buffer, wait_for=wait_for,
+                                            is_blocking=False)
+                            for buffer, a, wait_for in outputs])
+        return
     maps = [cl.enqueue_map_buffer(queue, buffer, cl.map_flags.READ, 0, a.shape, a.dtype,
                                   wait_for=wait_for, is_blocking=False)
             for buffer, a, wait_for in outputs]

@@ -83,6 +83,16 @@ def start(problem, queue, operation, operands, out_shape, epilogue=()):
                       operands, out_shape, problem.numpy_dtype, problem.batch)
 
 
+def enqueue(problem, queue, operation, inputs, output, epilogue=(), wait_for=None):
+    """Enqueue an operation of a checked problem (check_device_limits passed) on device
+    buffers, with no checks and no allocation: inputs the (buffer, element offset) pairs of
+    its operands in order (absent ones left out), output the result's. Returns the kernels'
+    events. For callers that keep a run of operations on the device (clconv.torch's
+    ConvChain); the buffers must outlive the kernels (OpenCL keeps released ones alive)."""
+    launch = planner.plan(problem, queue, operation, epilogue)
+    return launch(queue, inputs, output, problem.batch, wait_for=wait_for)
+
+
 class Started:
     """An enqueued launch whose result reaches the host in finish(): a NumPy array written
     in place through buffer by events, or a device array to download; keep holds the

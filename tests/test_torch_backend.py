@@ -283,10 +283,25 @@ def bottleneck_net():
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5))).eval()
 
 
+def called_modules(graph_module):
+    """(module, kwargs) of every call_module node in order, a ConvChain's convolutions in its
+    place (kwargs: {"residual": index} where a step takes one)."""
+    calls = []
+    for node in graph_module.graph.nodes:
+        if node.op != "call_module":
+            continue
+        module = graph_module.get_submodule(node.target)
+        if isinstance(module, ct.ConvChain):
+            calls += [(conv, {} if r < 0 else {"residual": r})
+                      for conv, (_, r) in zip(module.convs, module.steps)]
+        else:
+            calls.append((module, dict(node.kwargs)))
+    return calls
+
+
 def graph_calls(graph_module):
-    """(module type name, kwargs) of every call_module node, in order."""
-    return [(type(graph_module.get_submodule(n.target)).__name__, dict(n.kwargs))
-            for n in graph_module.graph.nodes if n.op == "call_module"]
+    """(module type name, kwargs) of every module called, in order (see called_modules)."""
+    return [(type(module).__name__, kwargs) for module, kwargs in called_modules(graph_module)]
 
 
 def test_eval_convert_folds_batchnorm_and_fuses_resnet_blocks():
@@ -298,8 +313,11 @@ def test_eval_convert_folds_batchnorm_and_fuses_resnet_blocks():
     assert [name for name, _ in calls] == ["Conv2d"] * 8 + ["AdaptiveAvgPool2d", "Flatten",
                                                              "Linear"]
     assert sum("residual" in kwargs for _, kwargs in calls) == 2     # both blocks' adds
-    convs = [fused.get_submodule(n.target) for n in fused.graph.nodes
-             if n.op == "call_module" and isinstance(fused.get_submodule(n.target), ct.Conv2d)]
+    convs = [module for module, _ in called_modules(fused) if isinstance(module, ct.Conv2d)]
+    # all eight run as one chain, their intermediate results kept on the device
+    assert [n.target for n in fused.graph.nodes if n.op == "call_module"] == [
+        "chain0", "5", "6", "7"]
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())   # folded away
     # every convolution but the downsample (the residual of the sum) ends in its ReLU
     assert [c.activation for c in convs] == ["relu"] * 3 + [None] + ["relu"] * 4
     assert all(c.bias is not None for c in convs)                    # the folded shifts
@@ -356,12 +374,12 @@ def test_eval_convert_fuses_only_what_is_exact():
     model = copy.deepcopy(reference)
     fused = ct.convert(model)
     fused.train_bn.train()      # train() on the graph is allowed: nothing was folded
-    modules = dict(fused.named_modules())
-    assert [modules[k].activation for k in "abcdefg"] == ["relu", None, None, None, "silu",
-                                                          None, "relu6"]
-    kwargs = {n.target: dict(n.kwargs) for n in fused.graph.nodes if n.op == "call_module"}
-    assert "residual" in kwargs["a"] and "residual" in kwargs["e"]
-    assert not any(kwargs[k] for k in "bcdfg")
+    # in order: a b c d e f shared shared g (a-b and e-f run as chains)
+    convs = [(m.activation, "residual" in kwargs) for m, kwargs in called_modules(fused)
+             if isinstance(m, ct.Conv2d)]
+    assert convs == [("relu", True), (None, False), (None, False), (None, False),
+                     ("silu", True), (None, False), (None, False), (None, False),
+                     ("relu6", False)]
     x = torch.randn(2, 4, 7, 9)
     with torch.no_grad():
         torch.testing.assert_close(fused(x), reference(x), rtol=1e-4, atol=1e-5)

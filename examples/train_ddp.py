@@ -82,6 +82,9 @@ def _rank(rank, world_size, port, steps, lr, seed, n, out_dir):
                        slice(rank * per, (rank + 1) * per))
         with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
             pickle.dump(result, f)
+        # Tear down together: a rank that leaves while the other still talks to it can take
+        # gloo's threads down with std::terminate (seen once under a loaded test run).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -110,6 +110,27 @@ def test_mobilenet_like_graph_is_one_chain_with_the_same_result():
         torch.testing.assert_close(fused(x), reference(x), rtol=1e-4, atol=1e-5)
 
 
+def test_chain_reuses_its_intermediate_buffers(monkeypatch):
+    reference = bottleneck_net()
+    fused = ct.convert(copy.deepcopy(reference))
+    made, new_buffer = [], ct.ConvChain._new_buffer
+    monkeypatch.setattr(ct.ConvChain, "_new_buffer",
+                        staticmethod(lambda queue, nbytes: made.append(nbytes)
+                                     or new_buffer(queue, nbytes)))
+    x = torch.randn(2, 3, 12, 12)
+    with torch.no_grad():
+        first = fused(x)
+        intermediates = len(fused.chain0.convs) - len(fused.chain0.outputs)
+        assert 0 < len(made) < intermediates      # reused within the call
+        count = len(made)
+        for _ in range(3):
+            assert torch.equal(fused(x), first)
+        assert len(made) == count                 # and by the next calls
+        other = torch.randn(1, 3, 12, 12)         # another shape: other buffers, same values
+        assert torch.equal(fused(other), per_op(fused, other))
+        torch.testing.assert_close(fused(other), reference(other), rtol=1e-4, atol=1e-5)
+
+
 def test_chain_with_several_outputs():
     class TwoOut(nn.Module):
         def __init__(self):

@@ -517,19 +517,24 @@ class ConvChain(nn.Module):
 
     def _device_params(self, queue):
         """Per convolution the (buffer, offset) pairs of its weight and bias (None: no bias),
-        remade for a tensor whose memory, version, shape or strides changed."""
+        remade for a tensor whose memory or version changed. A change of shape, dtype or
+        strides (or a bias added or removed) also drops the chain's programs, which were
+        checked against the old ones."""
         pairs = []
         for conv in self.convs:
-            key = (queue,) + tuple(None if p is None else (p.data_ptr(), p._version,
-                                                         p.shape, p.stride())
-                                   for p in (conv.weight, conv.bias))
+            params = (conv.weight, conv.bias)
+            layout = tuple(None if p is None else (p.shape, p.dtype, p.stride()) for p in params)
+            key = (queue, layout) + tuple(None if p is None else (p.data_ptr(), p._version)
+                                          for p in params)
             found = self._params.get(id(conv))
             if found is None or found[0] != key:
+                if found is not None and found[0][:2] != key[:2]:
+                    self._programs.clear()
                 found = self._params[id(conv)] = (key, [
                     None if p is None else arrays.operand(queue, p.detach().numpy(),
                                                           arrays.shares_host_memory(queue),
                                                           "chain_param")
-                    for p in (conv.weight, conv.bias)])
+                    for p in params])
             pairs.append([None if p is None else p[:2] for p in found[1]])
         return pairs
 

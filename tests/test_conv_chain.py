@@ -215,6 +215,8 @@ def test_chain_follows_weight_changes():
         reference.c.weight.data = convs[2].weight.data.clone()
         torch.testing.assert_close(fused(x, r), reference(x, r), rtol=1e-4, atol=1e-5)
         fused.double()                                   # every parameter replaced
+        with pytest.raises(TypeError, match="dtype"):    # checked against the new ones
+            fused(x, r)
         y = fused(x.double(), r.double())
         assert y.dtype == torch.float64
         torch.testing.assert_close(y, reference.double()(x.double(), r.double()),

@@ -850,6 +850,8 @@ class _GraphRewrite:
             steps.append((index[node.args[0]], -1 if residual is None else index[residual]))
             index[node] = len(inputs) + k
         outputs = [node for node in run if any(user not in inside for user in node.users)]
+        if not outputs:         # dead code in the traced graph: left as traced
+            return
         chain = ConvChain([self._module(node) for node in run], steps,
                           [index[node] for node in outputs])
         self.module.add_module(name, chain)

@@ -152,6 +152,23 @@ def test_chain_with_several_outputs():
             torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4)
 
 
+def test_unused_convolutions_are_left_as_traced():
+    class Dead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(2, 2, 1), nn.Conv2d(2, 2, 1)
+
+        def forward(self, x):
+            self.b(self.a(x))        # traced, never used
+            return x * 2
+
+    fused = ct.convert(Dead().eval())
+    assert not any(isinstance(m, ct.ConvChain) for m in fused.modules())
+    x = torch.randn(1, 2, 3, 3)
+    with torch.no_grad():
+        assert torch.equal(fused(x), x * 2)
+
+
 @pytest.mark.parametrize("case", ["recording", "hook", "channels_last", "broadcast_residual",
                                   "strided_input"])
 def test_chain_falls_back_to_the_convolutions_where_it_could_differ(monkeypatch, case):

@@ -85,7 +85,9 @@ def test_chain_runs_on_the_device_and_equals_the_convolutions_bit_for_bit(monkey
             torch.testing.assert_close(y, reference(x, r), rtol=1e-4, atol=1e-5)
         # unbatched: the same chain
         assert torch.equal(fused(x[0], r[0]), per_op(fused, x[0], r[0]))
-    assert calls.device_runs == 2
+    with torch.inference_mode():
+        assert torch.equal(fused(x.clone(), r), y)      # inference tensors in and out
+    assert calls.device_runs == 3
 
 
 def test_chain_on_a_device_with_its_own_memory(monkeypatch):

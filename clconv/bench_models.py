@@ -3,11 +3,11 @@ against torch eager in the same process.
 
 Per model and batch size: inference (eval mode, no_grad: the converted model is convert's
 fused graph, BatchNorm folded, activations and residual additions in the convolutions'
-epilogues, consecutive convolutions one ConvChain kept on the device) and a training step (train mode: forward, cross-entropy, backward, SGD). The two
-models start from the same weights; their calls alternate in rounds, so a noisy spell of a
-shared machine hits both, and the best and the median of each are shown. The logits'
-relative difference (max |clconv - torch| / max |torch|) checks that they computed the same
-thing. For the training step the converted step's time is split into clconv's calls (wall
+epilogues, consecutive convolutions one ConvChain kept on the device) and a training step
+(train mode: forward, cross-entropy, backward, SGD). The two models start from the same
+weights; their calls alternate in rounds, so a noisy spell of a shared machine hits both,
+and the best and the median of each are shown. The logits' relative difference
+(max |clconv - torch| / max |torch|) checks that they computed the same thing. For the training step the converted step's time is split into clconv's calls (wall
 clock, host copies included) and the rest (torch's own operators).
 
 Needs torch and torchvision (the `models` extra); the models are built untrained

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pyopencl as cl
 
 from . import arrays, planner
 from .device import queue_for
@@ -119,7 +118,7 @@ def start_into(make_launch, queue, operands, out_shape, dtype, batch):
     pairs = [pair[:2] for pair in inputs]
     if in_place:
         y = np.empty(out_shape, dtype)
-        y_buffer = arrays.host_buffer(queue, y, cl.mem_flags.READ_WRITE)
+        y_buffer = arrays.output_buffer(queue, y)
         events = make_launch()(queue, pairs, (y_buffer, 0), batch, wait_for=waits or None)
         return Started(y, y_buffer, events, inputs)
     y = arrays.empty(queue, out_shape, dtype)

@@ -127,13 +127,20 @@ def _core(stride, padding, padding_str, dilation, groups, padding_mode):
 
 def _output_shape(input, weight, bias, *geometry):
     """The checked call's output shape, from shapes and dtypes alone (fake kernels use it)."""
-    for tensor, name in ((input, "input"), (weight, "weight"), (bias, "bias")):
-        _check(tensor, name)
-    problem, unbatched = make_problem(
-        input.shape, input.dtype, weight.shape, weight.dtype,
+    _check(input, "input")
+    problem, unbatched = _problem(input.shape, input.dtype, weight, bias, *geometry)
+    return problem.output_shape[1:] if unbatched else problem.output_shape
+
+
+def _problem(input_shape, input_dtype, weight, bias, *geometry):
+    """(Problem, unbatched) of a call on an input of that shape and dtype, weight and bias
+    checked as tensors clconv takes."""
+    _check(weight, "weight")
+    _check(bias, "bias")
+    return make_problem(
+        input_shape, input_dtype, weight.shape, weight.dtype,
         None if bias is None else bias.shape, None if bias is None else bias.dtype,
         *_core(*geometry))
-    return problem.output_shape[1:] if unbatched else problem.output_shape
 
 
 def _memory_format(input, weight):
@@ -449,6 +456,8 @@ class ConvChain(nn.Module):
         super().__init__()
         self.convs = nn.ModuleList(convs)
         self.steps, self.outputs = tuple(steps), tuple(outputs)
+        # the step after which each value is read no more
+        self._last_use = {j: k for k, step in enumerate(self.steps) for j in step if j >= 0}
         self._params, self._programs, self._arenas = {}, {}, []
 
     def forward(self, *inputs):
@@ -465,9 +474,8 @@ class ConvChain(nn.Module):
     def _program(self, inputs):
         """(queue, params, per convolution (problem, epilogue, output shape)) for running
         the chain on the device, or None where the convolutions' own forwards must run."""
-        params = [p for conv in self.convs for p in (conv.weight, conv.bias)]
-        if (not _unobserved(inputs + tuple(params)) or _recording(inputs)
-                or _recording(params) or _hooked(self.convs)):
+        tensors = inputs + tuple(p for conv in self.convs for p in (conv.weight, conv.bias))
+        if _recording(tensors) or not _unobserved(tensors) or _hooked(self.convs):
             return None
         queue = clconv.queue_for()
         device_params = self._device_params(queue)
@@ -493,13 +501,10 @@ class ConvChain(nn.Module):
             shape, dtype = values[i]
             weight, bias = conv.weight, conv.bias
             try:
-                _check(weight, "weight")
-                _check(bias, "bias")
-                problem, unbatched = make_problem(
-                    shape, dtype, weight.shape, weight.dtype,
-                    None if bias is None else bias.shape, None if bias is None else bias.dtype,
-                    *_core(*_geometry(conv.stride, conv.padding, conv.dilation, conv.groups,
-                                      conv.padding_mode)))
+                problem, unbatched = _problem(
+                    shape, dtype, weight, bias, *_geometry(conv.stride, conv.padding,
+                                                           conv.dilation, conv.groups,
+                                                           conv.padding_mode))
                 check_device_limits(problem, queue.device)
             except (TypeError, ValueError):
                 return None
@@ -547,9 +552,7 @@ class ConvChain(nn.Module):
         # 3 ms more to write, resnet50 batch 8 holds 70 results).
         in_order = scratch.of(queue).in_order
         arena = self._take_arena(queue)
-        outputs, events, last_use, owned = {}, {}, {}, {}
-        for k, step in enumerate(self.steps):
-            last_use.update((j, k) for j in step if j >= 0)
+        outputs, events, owned = {}, {}, {}
         try:
             values = [arrays.operand(queue, t.detach().numpy(), shared, f"chain{i}")
                       for i, t in enumerate(inputs)]
@@ -571,7 +574,7 @@ class ConvChain(nn.Module):
                                                    (buffer, 0), epilogue, waits or None)
                 values.append((buffer, 0))
                 for j in (i, r):     # OpenCL frees a released buffer once its kernels are done
-                    if j >= 0 and last_use[j] == k and j not in self.outputs:
+                    if j >= 0 and self._last_use[j] == k and j not in self.outputs:
                         values[j] = None
                         if in_order and j in owned:
                             arena[owned[j].size].append(owned.pop(j))

@@ -42,7 +42,7 @@ import pyopencl as cl
 
 from . import programs
 from .programs import STORAGE_DTYPES, acc_itemsize
-from .device import DeviceInfo, all_devices, queried_info
+from .device import DeviceInfo, all_devices, compile_failure, queried_info
 from .paths import keyed_file, write_json_atomic
 from .version import __version__
 
@@ -356,6 +356,8 @@ def probe(device) -> Capabilities:
     if device not in devices:       # a sub-device: the child process could not find it
         return unprobed(info, "not among the platforms' devices (a sub-device?): not probed")
     index = devices.index(device)
+    if compile_failure(device) is not None:
+        return unprobed(info, f"its compiler cannot build kernels: {compile_failure(device)}")
     pending = [(s, n) for s in _storage_types(info) for n in WIDTHS]
     results, notes = {}, []
     while pending:

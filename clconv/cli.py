@@ -6,7 +6,8 @@ import sys
 
 from . import algorithms, capabilities, options, programs, store
 from .capabilities import device_info
-from .device import ForkedProcessError, NoDeviceError, all_devices, choose_device, queue_for
+from .device import (ForkedProcessError, NoDeviceError, all_devices, choose_device,
+                     compile_failure, queue_for)
 
 
 SUITE_HELP = ("a suite name (standard, resnet50, mobilenet_v2, vgg16) or a suite JSON file "
@@ -39,6 +40,8 @@ def cmd_info(args):
         mark = "*" if device == chosen else " "
         print(f" {mark} {info.name}  [{'CPU' if info.is_cpu else 'GPU/accelerator'}, "
               f"{info.vendor}, driver {info.driver_version}]")
+        if compile_failure(device) is not None:
+            print(f"      cannot compile kernels (not used): {compile_failure(device)}")
         if device == chosen:
             print(f"      compute units {info.compute_units}, max work-group "
                   f"{info.max_work_group_size} {info.max_work_item_sizes}, local memory "

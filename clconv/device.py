@@ -2,7 +2,8 @@
 
 Order of choice: an explicit queue, an explicit device (object or name substring), the
 CLCONV_DEVICE name substring, PYOPENCL_CTX (pyopencl's own rule), else the first GPU found,
-else any OpenCL device.
+else any OpenCL device; the default skips a device whose compiler cannot build OpenCL C (a
+chosen one is refused with the compiler's reason).
 """
 from __future__ import annotations
 
@@ -135,6 +136,40 @@ def _matches(device, substring):
     return substring.lower() in text
 
 
+_PROBE_KERNEL = "__kernel void clconv_compiles(__global float *a) { a[0] += 1.0f; }"
+UNKNOWN_CPU_HELP = ("the driver's LLVM predates this CPU; a driver built on a newer LLVM knows "
+                    "it (for PoCL on Debian or Ubuntu: apt-get install pocl-opencl-icd)")
+
+
+@lru_cache(maxsize=None)
+def compile_failure(device):
+    """None where the device's compiler builds a trivial kernel, else why not (the error lines
+    of its build log). Cheap once the driver caches the build (~40 ms per process on PoCL)."""
+    try:
+        cl.Program(cl.Context([device]), _PROBE_KERNEL).build()
+        return None
+    except cl.Error as err:
+        text = str(err).strip()
+        lines = [ln.strip() for ln in text.splitlines() if "error" in ln.lower()]
+        reason = "; ".join(lines or text.splitlines()[:1])[:300] or "the build failed"
+        if "unknown target cpu" in reason.lower():
+            reason += f" ({UNKNOWN_CPU_HELP})"
+        return reason
+
+
+def _describe(device):
+    return f"{device.name.strip()} ({device.platform.name.strip()})"
+
+
+def _usable(device):
+    """device, or NoDeviceError where its compiler cannot build OpenCL C."""
+    failure = compile_failure(device)
+    if failure is not None:
+        raise NoDeviceError(f"OpenCL device {_describe(device)} cannot compile kernels: "
+                            f"{failure}")
+    return device
+
+
 def choose_device(name=None):
     """The device clconv uses when none is given explicitly (see module docstring)."""
     devices = [d for _, d in all_devices()]
@@ -144,13 +179,18 @@ def choose_device(name=None):
     if name:
         chosen = [d for d in devices if _matches(d, name)]
         if not chosen:
-            listing = "; ".join(f"{d.name.strip()} ({d.platform.name.strip()})" for d in devices)
+            listing = "; ".join(_describe(d) for d in devices)
             raise NoDeviceError(f"no OpenCL device matches {name!r}; devices: {listing}")
-        return chosen[0]
+        return _usable(chosen[0])
     if os.environ.get("PYOPENCL_CTX") is not None:
-        return cl.create_some_context(interactive=False).devices[0]
+        return _usable(cl.create_some_context(interactive=False).devices[0])
     gpus = [d for d in devices if d.type & cl.device_type.GPU]
-    return (gpus or devices)[0]
+    candidates = gpus + [d for d in devices if d not in gpus]
+    for device in candidates:
+        if compile_failure(device) is None:
+            return device
+    raise NoDeviceError("no OpenCL device can compile kernels: " + "; ".join(
+        f"{_describe(d)}: {compile_failure(d)}" for d in candidates))
 
 
 _queues = {}

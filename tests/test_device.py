@@ -35,6 +35,57 @@ def test_no_driver_says_to_install_pocl(monkeypatch):
         clconv.choose_device()
 
 
+class _FakeDevice:
+    type = device_mod.cl.device_type.CPU
+    vendor = "clconv tests"
+
+    def __init__(self, name):
+        self.name = name
+        self.platform = type("Platform", (), {"name": f"{name} platform"})()
+
+
+def _fake_devices(monkeypatch, failures):
+    """Devices named as failures' keys, whose compilers fail with its values (None: build)."""
+    devices = [_FakeDevice(name) for name in failures]
+    monkeypatch.setattr(device_mod, "all_devices", lambda: [(d.platform, d) for d in devices])
+    monkeypatch.setattr(device_mod, "compile_failure", lambda d: failures[d.name])
+    monkeypatch.delenv("CLCONV_DEVICE", raising=False)
+    monkeypatch.delenv("PYOPENCL_CTX", raising=False)
+    return devices
+
+
+def test_default_choice_skips_a_device_that_cannot_compile(monkeypatch):
+    broken, working = _fake_devices(monkeypatch, {"old-llvm": "error: unknown target CPU",
+                                                  "new-llvm": None})
+    assert clconv.choose_device() is working
+
+
+def test_no_device_that_compiles_names_each_reason(monkeypatch):
+    _fake_devices(monkeypatch, {"a": "error: one", "b": "error: two"})
+    with pytest.raises(clconv.NoDeviceError, match="a .*error: one.*b .*error: two"):
+        clconv.choose_device()
+
+
+def test_a_chosen_device_that_cannot_compile_is_refused(monkeypatch):
+    _fake_devices(monkeypatch, {"old-llvm": "error: unknown target CPU", "new-llvm": None})
+    monkeypatch.setenv("CLCONV_DEVICE", "old-llvm")
+    with pytest.raises(clconv.NoDeviceError, match="old-llvm.*cannot compile.*unknown target"):
+        clconv.choose_device()
+
+
+def test_compile_failure_reports_the_build_log(monkeypatch, queue):
+    assert device_mod.compile_failure(queue.device) is None
+    log = ("clBuildProgram failed: BUILD_PROGRAM_FAILURE\n\nBuild on x:\n\n"
+           "error: unknown target CPU 'generic'\nDevice x failed to build the program\n")
+
+    def failing_build(*args):
+        raise device_mod.cl.RuntimeError(log)
+    monkeypatch.setattr(device_mod.cl, "Program", failing_build)
+    reason = device_mod.compile_failure.__wrapped__(queue.device)
+    assert reason.startswith("error: unknown target CPU 'generic'")
+    assert "pocl-opencl-icd" in reason          # what to install instead
+
+
 def test_device_argument_type_is_checked():
     with pytest.raises(TypeError, match="device"):
         clconv.Conv2d(1, 1, 1, device=3.5)

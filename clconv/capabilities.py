@@ -356,8 +356,9 @@ def probe(device) -> Capabilities:
     if device not in devices:       # a sub-device: the child process could not find it
         return unprobed(info, "not among the platforms' devices (a sub-device?): not probed")
     index = devices.index(device)
-    if compile_failure(device) is not None:
-        return unprobed(info, f"its compiler cannot build kernels: {compile_failure(device)}")
+    failure = compile_failure(device)
+    if failure is not None:
+        return unprobed(info, f"its compiler cannot build kernels: {failure}")
     pending = [(s, n) for s in _storage_types(info) for n in WIDTHS]
     results, notes = {}, []
     while pending:

@@ -40,8 +40,9 @@ def cmd_info(args):
         mark = "*" if device == chosen else " "
         print(f" {mark} {info.name}  [{'CPU' if info.is_cpu else 'GPU/accelerator'}, "
               f"{info.vendor}, driver {info.driver_version}]")
-        if compile_failure(device) is not None:
-            print(f"      cannot compile kernels (not used): {compile_failure(device)}")
+        failure = compile_failure(device)
+        if failure is not None:
+            print(f"      cannot compile kernels (not used): {failure}")
         if device == chosen:
             print(f"      compute units {info.compute_units}, max work-group "
                   f"{info.max_work_group_size} {info.max_work_item_sizes}, local memory "

@@ -301,7 +301,8 @@ def input_grad_variants():
     """The input gradient's GEMMs: phases without taps (zeros), dy read in place by a 1x1
     kernel whose last tiles read lane by lane, strided stores (whole vectors within a row
     and across its end), every vector count and width, unrolled columns, dtypes, long
-    indices; and the stride-1 depthwise form (the forward's kernel on flipped weights)."""
+    indices; the stride-1 depthwise form (the forward's kernel on flipped weights) and the
+    stride-1 forward form (input_grad_forward)."""
     def gemm(tc, tv, tw, **extra):
         return dict(algorithm="input_grad_gemm", tc=tc, tv=tv, tw=tw) | extra
     op = "input_grad"
@@ -345,6 +346,25 @@ def input_grad_variants():
     for dtype in ("float16", "float64"):
         yield (f"igdw-{dtype}", op, (1, 3, 7, 21), (3, 1, 3, 3), False,
                dict(padding=1, groups=3), dtype, dw(4, 2))
+    # The stride-1 form as the forward's implicit GEMM on the turned weight (turn_weight):
+    # 1x1 packed and staged, groups with a ragged channel block, asymmetric and dilated
+    # padding, every vector count and width, unrolled columns, dtypes, long indices.
+    def fwd(tk, tv, tw, **extra):
+        return register_tile("input_grad_forward", tk, tv, tw, **extra)
+    yield ("igfwd-1x1-packed", op, (2, 5, 3, 5), (3, 5, 1, 1), False, {}, "float32",
+           fwd(2, 1, 4, pack=1))
+    yield ("igfwd-1x1-g2-ragged", op, (2, 6, 4, 9), (6, 3, 1, 1), False, dict(groups=2),
+           "float32", fwd(2, 2, 8))
+    yield ("igfwd-same-even-d2-g2", op, (1, 4, 9, 10), (4, 2, 2, 3), False,
+           dict(padding="same", dilation=(2, 1), groups=2), "float32", fwd(1, 3, 2, ukw=1))
+    yield ("igfwd-p1-tv4", op, (1, 3, 5, 7), (4, 3, 3, 3), False, dict(padding=1), "float32",
+           fwd(2, 4, 2))
+    yield ("igfwd-long-index", op, (1, 3, 5, 6), (4, 3, 3, 3), False, dict(padding=(2, 1)),
+           "float32", fwd(2, 1, 4, idx_t="long"))
+    for dtype in DTYPES:
+        tile = (1, 1) if dtype == "float64" else (2, 1)
+        yield (f"igfwd-tw16-{dtype}", op, (1, 3, 5, 19), (4, 3, 3, 3), False,
+               dict(padding=1), dtype, fwd(*tile, 16))
 
 
 def weight_grad_variants():

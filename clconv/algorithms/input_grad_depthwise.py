@@ -8,25 +8,14 @@ parameters, on that problem.
 """
 from __future__ import annotations
 
-import dataclasses
-
 from ..arrays import WORD_TYPES
 from .base import Algorithm, Buffer, build_step, with_prepared_operand
 from .depthwise import Depthwise
+from .input_grad_forward import as_forward, within_reach
 
 DEPTHWISE = Depthwise()
 FLIP_ARGS = (Buffer("w", "word_t", offset_t="long"),
              Buffer("wf", "word_t", const=False, offset=False))
-
-
-def as_forward(problem):
-    """The forward depthwise problem whose output is problem's input gradient."""
-    (kh, kw), (dh, dw) = problem.kernel_size, problem.dilation
-    reach_h, reach_w = dh * (kh - 1), dw * (kw - 1)
-    pt, pb, pl, pr = problem.pad
-    return dataclasses.replace(
-        problem, height=problem.out_height, width=problem.out_width,
-        pad=(reach_h - pt, reach_h - pb, reach_w - pl, reach_w - pr), has_bias=False)
 
 
 class InputGradDepthwise(Algorithm):
@@ -38,12 +27,8 @@ class InputGradDepthwise(Algorithm):
     padding_modes = ("zeros",)
 
     def applies(self, problem):
-        # Padding beyond the kernel's reach would be a crop of dy: not a forward problem.
-        (kh, kw), (dh, dw) = problem.kernel_size, problem.dilation
-        pt, pb, pl, pr = problem.pad
         return (problem.groups == problem.in_channels == problem.out_channels
-                and problem.stride == (1, 1) and problem.padding_mode in self.padding_modes
-                and max(pt, pb) <= dh * (kh - 1) and max(pl, pr) <= dw * (kw - 1))
+                and within_reach(problem))
 
     def constraints(self, problem, info, config):
         if not self.applies(problem):

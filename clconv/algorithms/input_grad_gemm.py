@@ -39,8 +39,8 @@ SMALL_SUM = 16
 # 9.8 -> 8.4; 512@7 b1 (2 reads) 1.96 -> 2.06, 1x1 1024->256 @14 b1 (7) 0.76 -> 1.05.
 TRANSPOSE_MIN_BYTES = 256 << 10
 TRANSPOSE_MIN_READS = 16
-TRANSPOSE_ARGS = (Buffer("w", "word_t", offset_t="long"),
-                  Buffer("wt", "word_t", const=False, offset=False))
+WEIGHT_PASS_ARGS = (Buffer("w", "word_t", offset_t="long"),
+                    Buffer("wt", "word_t", const=False, offset=False))
 
 
 @dataclass(frozen=True)
@@ -240,19 +240,25 @@ def weight_bytes(problem):
 def transposing_launcher(problem, queue, main):
     """run(): swap each group's channels of the weight (transpose_weight.cl.mako) into scratch,
     then main on it."""
+    return weight_pass_launcher(problem, queue, main, "transpose_weight", "transposed weight")
+
+
+def weight_pass_launcher(problem, queue, main, kernel_name, role, local=None, strict=True):
+    """run(): a pass of kernel_name (its template's name too) over the weight, one work-item
+    per element (input channel x tap, groups x output channels), into scratch for role; then
+    main on that. transpose_weight and turn_weight (input_grad_forward) lay it out so."""
     kh, kw = problem.kernel_size
     cin_g, cout_g = problem.cin_per_group, problem.cout_per_group
     elements = weight_elements(problem)
     itemsize = problem.numpy_dtype.itemsize
-    transpose = build_step(
-        queue, "transpose_weight.cl.mako", "transpose_weight",
+    step = build_step(
+        queue, f"{kernel_name}.cl.mako", kernel_name,
         dict(kernel_size=problem.kernel_size, cin_g=cin_g, cout_g=cout_g,
              groups=problem.groups, word_t=WORD_TYPES[itemsize],
              idx_t="long" if elements > INT32_LIMIT else "int"),
-        TRANSPOSE_ARGS, lambda batch: (cin_g * kh * kw, problem.groups * cout_g))
-
-    return with_prepared_operand(transpose, main, 1, "transposed weight",
-                                 lambda batch: elements, itemsize)
+        WEIGHT_PASS_ARGS, lambda batch: (cin_g * kh * kw, problem.groups * cout_g), local,
+        strict)
+    return with_prepared_operand(step, main, 1, role, lambda batch: elements, itemsize)
 
 
 def fold_launcher(problem, queue, constants, main):

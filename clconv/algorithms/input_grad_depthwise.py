@@ -9,42 +9,29 @@ parameters, on that problem.
 from __future__ import annotations
 
 from ..arrays import WORD_TYPES
-from .base import Algorithm, Buffer, build_step, with_prepared_operand
+from .base import Buffer, build_step, with_prepared_operand
 from .depthwise import Depthwise
-from .input_grad_forward import as_forward, within_reach
+from .input_grad_forward import ForwardForm, within_reach
 
 DEPTHWISE = Depthwise()
 FLIP_ARGS = (Buffer("w", "word_t", offset_t="long"),
              Buffer("wf", "word_t", const=False, offset=False))
 
 
-class InputGradDepthwise(Algorithm):
-    operation = "input_grad"
+class InputGradDepthwise(ForwardForm):
     name = "input_grad_depthwise"
+    forward = DEPTHWISE
     template = "depthwise.cl.mako"
     templates = ("depthwise.cl.mako", "flip_weight.cl.mako")
     params = DEPTHWISE.params
-    padding_modes = ("zeros",)
+    requirement = ("a depthwise layer (one channel in and out per group) of stride 1, zero "
+                   "padding within the kernel's reach")
 
     def applies(self, problem):
         return (problem.groups == problem.in_channels == problem.out_channels
                 and within_reach(problem))
 
-    def constraints(self, problem, info, config):
-        if not self.applies(problem):
-            return ("needs a depthwise layer (one channel in and out per group) of stride 1, "
-                    "zero padding within the kernel's reach")
-        return DEPTHWISE.constraints(as_forward(problem), info, config)
-
-    def default_config(self, problem, info):
-        return DEPTHWISE.default_config(as_forward(problem), info)
-
-    def all_constants(self, problem, config, epilogue=None):
-        return DEPTHWISE.all_constants(as_forward(problem), config)
-
-    def launcher(self, problem, queue, config, strict, constants):
-        forward = as_forward(problem)
-        main = DEPTHWISE.launcher(forward, queue, config, strict, constants)
+    def weight_pass(self, problem, queue, main, strict):
         kh, kw = problem.kernel_size
         channels = problem.in_channels
         itemsize = problem.numpy_dtype.itemsize

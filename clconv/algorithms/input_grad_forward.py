@@ -51,38 +51,55 @@ def as_forward(problem):
         pad=(reach_h - pt, reach_h - pb, reach_w - pl, reach_w - pr), has_bias=False)
 
 
-class InputGradForward(Algorithm):
+class ForwardForm(Algorithm):
+    """An input gradient computed as a forward problem (as_forward) by the forward algorithm
+    `forward`, tuned with its parameters, after weight_pass lays the weight out. Subclasses
+    give applies() (within_reach and more) and `requirement`, the reason when it fails."""
     operation = "input_grad"
+    padding_modes = ("zeros",)
+    forward: Algorithm
+    requirement = ""
+
+    def suits(self, info):
+        return self.forward.suits(info)
+
+    def constraints(self, problem, info, config):
+        if not self.applies(problem):
+            return f"needs {self.requirement}"
+        return self.forward.constraints(as_forward(problem), info, config)
+
+    def default_config(self, problem, info):
+        return self.forward.default_config(as_forward(problem), info)
+
+    def all_constants(self, problem, config, epilogue=None):
+        return self.forward.all_constants(as_forward(problem), config)
+
+    def launcher(self, problem, queue, config, strict, constants):
+        main = self.forward.launcher(as_forward(problem), queue, config, strict, constants)
+        return self.weight_pass(problem, queue, main, strict)
+
+    def weight_pass(self, problem, queue, main, strict):
+        """run(): the pass that lays the weight out for `forward`, then main."""
+        raise NotImplementedError
+
+
+class InputGradForward(ForwardForm):
     name = "input_grad_forward"
+    forward = IMPLICIT_GEMM
     template = IMPLICIT_GEMM.template
     templates = IMPLICIT_GEMM.templates + ("turn_weight.cl.mako",)
     params = IMPLICIT_GEMM.params
-    padding_modes = ("zeros",)
+    requirement = "stride 1 and zero padding within the kernel's reach"
 
     def applies(self, problem):
         return within_reach(problem)
-
-    def suits(self, info):
-        return IMPLICIT_GEMM.suits(info)
 
     def preferred(self, problem):
         return (problem.kernel_size == (1, 1) and problem.cin_per_group > 1
                 and problem.cout_per_group > 1 and self.applies(problem)
                 and problem.flops >= PREFERRED_MIN_FLOPS)
 
-    def constraints(self, problem, info, config):
-        if not self.applies(problem):
-            return "needs stride 1 and zero padding within the kernel's reach"
-        return IMPLICIT_GEMM.constraints(as_forward(problem), info, config)
-
-    def default_config(self, problem, info):
-        return IMPLICIT_GEMM.default_config(as_forward(problem), info)
-
-    def all_constants(self, problem, config, epilogue=None):
-        return IMPLICIT_GEMM.all_constants(as_forward(problem), config)
-
-    def launcher(self, problem, queue, config, strict, constants):
-        main = IMPLICIT_GEMM.launcher(as_forward(problem), queue, config, strict, constants)
+    def weight_pass(self, problem, queue, main, strict):
         return weight_pass_launcher(problem, queue, main, "turn_weight", "turned weight",
                                     fitting_work_group(TURN_TILE, device_info(queue.device)),
                                     strict)

@@ -1,7 +1,8 @@
 """Operands on the device: pyopencl arrays stay where they are; NumPy arrays are copied in,
 except on a device that computes in the host's memory (a CPU device: PoCL), where a buffer
 is made over the array's own memory (CL_MEM_USE_HOST_PTR: no copy) and a NumPy result is
-written in place, then mapped and unmapped so that the host sees it. Elsewhere (a GPU) the
+written in place: read as soon as its kernel is done where a probe showed the kernels write
+that memory itself (writes_in_place), else mapped and unmapped. Elsewhere (a GPU) the
 copies go through pinned staging buffers kept per queue (clconv.scratch), which the driver
 copies from and to directly rather than through its own staging of pageable memory.
 
@@ -80,13 +81,18 @@ def output_buffer(queue, a):
 
 def to_host(queue, outputs):
     """For each (buffer, a, wait_for) of outputs: wait for wait_for, then make the device's
-    writes to buffer (output_buffer) visible in a: a map and unmap, which copy nothing where
-    the memory is shared (and a copy where a driver maps elsewhere), or a read of the
-    device's own buffer. One wait for all: each wait on PoCL costs a round trip of ~50-100 µs."""
+    writes to buffer (output_buffer) visible in a: nothing more where they are already in a's
+    memory (writes_in_place), else a map and unmap, which copy nothing where the memory is
+    shared (and a copy where a driver maps elsewhere), or a read of the device's own buffer.
+    One wait for all: each wait on PoCL costs a round trip of ~50-100 µs."""
     if not shares_host_memory(queue):
         cl.wait_for_events([cl.enqueue_copy(queue, a, buffer, wait_for=wait_for,
                                             is_blocking=False)
                             for buffer, a, wait_for in outputs])
+        return
+    alignment = writes_in_place(queue)
+    if alignment and all(a.ctypes.data % alignment == 0 for _, a, _ in outputs):
+        cl.wait_for_events([event for _, _, wait_for in outputs for event in wait_for or ()])
         return
     maps = [cl.enqueue_map_buffer(queue, buffer, cl.map_flags.READ, 0, a.shape, a.dtype,
                                   wait_for=wait_for, is_blocking=False)
@@ -97,6 +103,58 @@ def to_host(queue, outputs):
             a[...] = mapped
         # Not waited for: unmapping a read-only map moves no data.
         mapped.base.release(queue)
+
+
+# writes_in_place's probe: a kernel marks PROBE_WORDS words (not a whole number of cache
+# lines) of a host array at each alignment in turn, from the loosest a NumPy array may have.
+PROBE_WORDS = 1000
+PROBE_MARKER = 0x5EED0000
+MARK_ARGS = (programs.Buffer("dst", "uint", const=False, offset=False),)
+_in_place = {}      # device -> writes_in_place's answer
+
+
+def writes_in_place(queue):
+    """The alignment in bytes that a NumPy array's memory needs on queue's device for a
+    kernel's writes to a buffer over it (host_buffer) to be in that memory as soon as the
+    kernel's event completes, so that to_host waits for the event alone (a map and an unmap
+    are two more commands for the driver's threads to pick up: ~50-100 µs a result on PoCL);
+    0: never (then to_host maps). Probed once per device, CPU devices only: a kernel writes
+    an array at 16 bytes' alignment, then at CL_DEVICE_MEM_BASE_ADDR_ALIGN; the first whose
+    words are all there when read without a map, and whose map gives the array's own
+    pointer, is the answer."""
+    device = queue.device
+    if device not in _in_place:
+        info = queried_info(device)
+        found = 0
+        if info.is_cpu and info.host_unified_memory:
+            for alignment in sorted({16, info.base_addr_align}):
+                if _lands_in_place(queue, alignment, info.base_addr_align):
+                    found = alignment
+                    break
+        _in_place[device] = found
+    return _in_place[device]
+
+
+def _lands_in_place(queue, alignment, base_align):
+    """Whether the mark kernel's writes to an array whose start is aligned to alignment
+    bytes, and to no more than that below base_align, are in its memory without a map."""
+    raw = np.zeros(PROBE_WORDS + 2 * base_align // 4, np.uint32)
+    start = (-raw.ctypes.data % base_align + (alignment % base_align)) // 4
+    a = raw[start:start + PROBE_WORDS]
+    try:
+        buffer = host_buffer(queue, a, cl.mem_flags.READ_WRITE)
+        kernel = programs.kernel(queue.context, "mark.cl.mako", "mark", MARK_ARGS,
+                                 marker=PROBE_MARKER)
+        kernel(queue, (PROBE_WORDS,), None, buffer).wait()
+        landed = bool(np.all(a == PROBE_MARKER + np.arange(PROBE_WORDS, dtype=np.uint32)))
+        mapped, _ = cl.enqueue_map_buffer(queue, buffer, cl.map_flags.READ, 0, a.shape,
+                                          a.dtype, is_blocking=True)
+        same = mapped.ctypes.data == a.ctypes.data
+        mapped.base.release(queue)
+        queue.finish()
+    except cl.Error:
+        return False
+    return landed and same
 
 
 def upload(queue, a, role):

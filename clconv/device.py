@@ -70,6 +70,7 @@ class DeviceInfo:
     local_memory: bool = False      # dedicated local memory (not emulated in global memory)
     host_unified_memory: bool = False   # computes in the host's memory (a CPU device)
     cacheline: int = 64             # bytes of a global memory cache line
+    base_addr_align: int = 128      # bytes: CL_DEVICE_MEM_BASE_ADDR_ALIGN (given in bits)
     # What the device's compiler really does (clconv.capabilities.Capabilities): probed
     # above this layer, so None in the queried facts.
     capabilities: object = None
@@ -92,6 +93,7 @@ class DeviceInfo:
             local_memory=device.local_mem_type == cl.device_local_mem_type.LOCAL,
             host_unified_memory=_host_unified(device),
             cacheline=device.global_mem_cacheline_size or 64,
+            base_addr_align=max(device.mem_base_addr_align // 8, 1),
         )
 
 

@@ -169,6 +169,66 @@ def test_numpy_operands_in_place_any_alignment_layout_and_under_threads(queue):
             assert_matches(y, x, w, None, padding=1)
 
 
+@pytest.mark.parametrize("alignment", [None, 0, 1 << 30],
+                         ids=["probed", "maps-forced", "misaligned-for-the-rule"])
+def test_numpy_results_with_or_without_a_map(queue, monkeypatch, alignment):
+    """A NumPy result is read with no map only where writes_in_place found that kernels
+    write the array's own memory, at an alignment the array has: the probe's answer, maps
+    forced (0) and an alignment no array has (maps again) all give torch's results, forward
+    and both gradients, from eight threads at once."""
+    from concurrent.futures import ThreadPoolExecutor
+    import pyopencl as cl
+    from clconv import arrays
+    torch = pytest.importorskip("torch")
+    if not arrays.shares_host_memory(queue):
+        pytest.skip("the device has memory of its own: results are copied")
+    if alignment is not None:
+        monkeypatch.setattr(arrays, "writes_in_place", lambda queue: alignment)
+    maps, real_map = [], cl.enqueue_map_buffer
+    monkeypatch.setattr(cl, "enqueue_map_buffer",
+                        lambda *a, **k: maps.append(1) or real_map(*a, **k))
+    w = np.random.default_rng(10).standard_normal((6, 4, 3, 3)).astype(np.float32)
+
+    def call(seed):
+        r = np.random.default_rng(seed)
+        x = r.standard_normal((1 + seed % 3, 4, 9, 11)).astype(np.float32)
+        dy = r.standard_normal((x.shape[0], 6, 9, 11)).astype(np.float32)
+        return (x, dy, clconv.conv2d(x, w, padding=1, queue=queue),
+                clconv.conv2d_backward(x, w, dy, padding=1, queue=queue))
+
+    with ThreadPoolExecutor(8) as pool:
+        for x, dy, y, (dx, dw, db) in pool.map(call, range(24)):
+            xt, wt = torch.from_numpy(x).requires_grad_(), torch.from_numpy(w).requires_grad_()
+            yt = torch.nn.functional.conv2d(xt, wt, padding=1)
+            yt.backward(torch.from_numpy(dy))
+            np.testing.assert_allclose(y, yt.detach().numpy(), rtol=1e-4, atol=1e-4)
+            np.testing.assert_allclose(dx, xt.grad.numpy(), rtol=1e-4, atol=1e-4)
+            np.testing.assert_allclose(dw, wt.grad.numpy(), rtol=1e-4, atol=1e-4)
+            np.testing.assert_allclose(db, dy.sum(axis=(0, 2, 3)), rtol=1e-4, atol=1e-4)
+    # Each call maps its results (one forward, three gradients) or none of them.
+    if alignment is not None:
+        assert len(maps) == 24 * 4
+    elif arrays.writes_in_place(queue) == 16:   # NumPy's memory is 16-byte aligned at least
+        assert not maps
+
+
+def test_writes_in_place_is_probed_once_per_device_and_only_on_cpus(queue, monkeypatch):
+    import dataclasses
+    from clconv import arrays
+    found = arrays.writes_in_place(queue)
+    info = clconv.device.queried_info(queue.device)
+    assert found in (0, 16, info.base_addr_align)
+    if not info.is_cpu:
+        assert found == 0
+    probes = []
+    monkeypatch.setattr(arrays, "_lands_in_place", lambda *a: probes.append(a) or True)
+    assert arrays.writes_in_place(queue) == found and not probes      # remembered
+    monkeypatch.setattr(arrays, "_in_place", {})
+    monkeypatch.setattr(arrays, "queried_info",
+                        lambda device: dataclasses.replace(info, is_cpu=False))
+    assert arrays.writes_in_place(queue) == 0 and not probes    # a GPU is never trusted
+
+
 def test_a_numpy_operand_of_a_device_call_may_be_freed_at_once(queue):
     """A call with a device input returns before its kernels finish: a NumPy weight passed as
     a temporary must be copied, not used in place (its memory, freed and refilled at once,

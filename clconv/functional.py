@@ -72,14 +72,14 @@ def _resolve_queue(queue, *operands):
 
 
 def run(problem, queue, operation, operands, out_shape, epilogue=()):
-    """Launch an operation of a checked problem and return its result (see start_into)."""
-    return finish(queue, [start(problem, queue, operation, operands, out_shape, epilogue)])[0]
+    """Launch an operation of a checked problem and return its result (see prepare_into)."""
+    return finish(queue, [prepare(problem, queue, operation, operands, out_shape, epilogue)()])[0]
 
 
-def start(problem, queue, operation, operands, out_shape, epilogue=()):
-    """Enqueue an operation of a checked problem (see start_into)."""
-    return start_into(lambda: planner.plan(problem, queue, operation, epilogue), queue,
-                      operands, out_shape, problem.numpy_dtype, problem.batch)
+def prepare(problem, queue, operation, operands, out_shape, epilogue=()):
+    """An operation of a checked problem made ready to enqueue (see prepare_into)."""
+    return prepare_into(lambda: planner.plan(problem, queue, operation, epilogue), queue,
+                        operands, out_shape, problem.numpy_dtype, problem.batch)
 
 
 def enqueue(problem, queue, operation, inputs, output, epilogue=(), wait_for=None):
@@ -101,34 +101,57 @@ class Started:
         self.result, self.buffer, self.events, self.keep = result, buffer, events, keep
 
 
-def start_into(make_launch, queue, operands, out_shape, dtype, batch):
-    """Enqueue make_launch()'s launch on operands into a new output. operands: its inputs in
-    order, NumPy or pyopencl arrays (None: absent, e.g. no bias). The result (finish) is a
-    pyopencl array when the first operand is one, else NumPy (written in place where the
-    device shares the host's memory); an empty one needs no launch. A NumPy operand is used
-    in place only by a result that finish waits for, else uploaded before this returns."""
+def prepare_into(make_launch, queue, operands, out_shape, dtype, batch):
+    """make_launch()'s launch on operands into a new output, made ready: the operands, the
+    result and the launch are made here, and calling what this returns enqueues the kernels
+    and returns the Started launch (or the result) for finish. A caller with several
+    launches prepares them all first (enqueue_all): a failure in planning, building or
+    allocating then comes before any kernel is enqueued, and only enqueueing is left
+X
+    absent, e.g. no bias). The result (finish) is a pyopencl array when the first operand is
+    one, else NumPy (written in place where the device shares the host's memory); an empty
+    one needs no launch. A NumPy operand is used in place only by a result that finish waits
+    for, else uploaded here."""
     on_device = arrays.is_device_array(operands[0])
     if 0 in out_shape:
-        return arrays.empty(queue, out_shape, dtype) if on_device else np.empty(out_shape, dtype)
+        empty = arrays.empty(queue, out_shape, dtype) if on_device else np.empty(out_shape, dtype)
+        return lambda: empty
     # A device result returns at once, while kernels may still read the operands.
     in_place = not on_device and arrays.shares_host_memory(queue)
     inputs = [arrays.operand(queue, a, in_place, f"upload{i}")
               for i, a in enumerate(operands) if a is not None]
-    waits = [e for _, _, a in inputs if arrays.is_device_array(a) for e in a.events]
+    waits = [e for _, _, a in inputs if arrays.is_device_array(a) for e in a.events] or None
     pairs = [pair[:2] for pair in inputs]
+    launch = make_launch()
     if in_place:
         y = np.empty(out_shape, dtype)
         y_buffer = arrays.output_buffer(queue, y)
-        events = make_launch()(queue, pairs, (y_buffer, 0), batch, wait_for=waits or None)
-        return Started(y, y_buffer, events, inputs)
+        return lambda: Started(y, y_buffer, launch(queue, pairs, (y_buffer, 0), batch,
+                                                   wait_for=waits), inputs)
     y = arrays.empty(queue, out_shape, dtype)
-    events = make_launch()(queue, pairs, (y.base_data, 0), batch, wait_for=waits or None)
-    y.add_event(events[-1])
-    return y if on_device else Started(y)
+
+    def enqueue_into_device_array():
+        y.add_event(launch(queue, pairs, (y.base_data, 0), batch, wait_for=waits)[-1])
+        return y if on_device else Started(y)
+    return enqueue_into_device_array
+
+
+def enqueue_all(queue, ready):
+    """Enqueue prepared launches (prepare_into; None: left out) in turn and return their
+    Started launches, in order. On a failure it waits for those already enqueued, whose
+    results are about to be dropped."""
+    started = []
+    try:
+        for enqueue in ready:
+            started.append(None if enqueue is None else enqueue())
+    except BaseException:
+        queue.finish()
+        raise
+    return started
 
 
 def finish(queue, started):
-    """The results of start_into's launches on queue, in order: one wait for all those
+    """The results of prepare_into's launches on queue, in order: one wait for all those
     written in place (each wait costs a round trip to the driver: ~50-100 µs on PoCL)."""
     in_place = [s for s in started if isinstance(s, Started) and s.buffer is not None]
     if in_place:

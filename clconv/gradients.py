@@ -12,8 +12,8 @@ import numpy as np
 from .algorithms import bias_grad
 from .algorithms.base import freeze
 from .capabilities import device_info
-from .functional import (_operand, _resolve_queue, check_operand, finish, run, start,
-                         start_into)
+from .functional import (_operand, _resolve_queue, check_operand, enqueue_all, finish,
+                         prepare, prepare_into, run)
 from .limits import check_device_limits, check_fp64
 from .problem import dtype_name, make_problem
 from .programs import ContextMemo
@@ -73,16 +73,10 @@ def conv2d_backward(input, weight, grad_output, stride=1, padding=0, dilation=1,
     problem, unbatched = make_problem(x.shape, x.dtype, w.shape, w.dtype, None, None, stride,
                                       padding, dilation, groups, padding_mode)
     queue = _checked_queue(problem, unbatched, dy, queue, x, w)
-    starts = [lambda: start(problem, queue, "input_grad", [dy, w], x.shape),
-              lambda: start(problem, queue, "weight_grad", [x, dy], w.shape),
-              lambda: _start_bias_grad(dy, queue)]
-    started = []
-    try:
-        for wanted, begin in zip(mask, starts):
-            started.append(begin() if wanted else None)
-    except BaseException:
-        queue.finish()      # kernels already enqueued write into results about to be dropped
-        raise
+    ready = [prepare(problem, queue, "input_grad", [dy, w], x.shape) if mask[0] else None,
+             prepare(problem, queue, "weight_grad", [x, dy], w.shape) if mask[1] else None,
+             _prepare_bias_grad(dy, queue) if mask[2] else None]
+    started = enqueue_all(queue, ready)
     return tuple(finish(queue, started))
 
 
@@ -104,16 +98,16 @@ def conv2d_bias_grad(grad_output, *, queue=None):
         raise ValueError("grad_output must be 3-D (C, H, W) unbatched or 4-D (N, C, H, W), "
                          f"got shape {tuple(dy.shape)}")
     queue = _resolve_queue(queue, dy)
-    return finish(queue, [_start_bias_grad(dy, queue)])[0]
+    return finish(queue, [_prepare_bias_grad(dy, queue)()])[0]
 
 
-def _start_bias_grad(dy, queue):
-    """Enqueue the bias gradient of a 3-D or 4-D grad_output dy (see start_into)."""
+def _prepare_bias_grad(dy, queue):
+    """The bias gradient of a 3-D or 4-D grad_output dy, made ready (see prepare_into)."""
     dtype = dtype_name(dy.dtype, "grad_output")
     n, c, h, w = (1,) + tuple(dy.shape) if dy.ndim == 3 else tuple(dy.shape)
     check_fp64(dtype, device_info(queue.device))
-    return start_into(lambda: _bias_launch(queue, n, c, h * w, dtype), queue, [dy], (c,),
-                      dy.dtype, n)
+    return prepare_into(lambda: _bias_launch(queue, n, c, h * w, dtype), queue, [dy], (c,),
+                        dy.dtype, n)
 
 
 _bias_launches = ContextMemo()

@@ -496,34 +496,44 @@ def test_backward_device_arrays_in_device_arrays_out(queue):
 
 def test_backward_failing_after_a_launch_waits_for_it(monkeypatch):
     # The input gradient's kernels write into a NumPy result that a failure of the weight
-    # gradient's launch drops: the call must wait for them before it raises.
+    # gradient's launch drops: the call must wait for them before it raises. A failure
+    # while planning comes before any kernel is enqueued (every launch is made ready first).
     c = CASES["k3_s2_p1"]
     x, w, _, g = grad_data(c, np.float32, salt=7)
     expected = clconv.conv2d_backward(x, w, g, **c.kwargs())
-    real_plan, real_start, started = clconv.planner.plan, clconv.gradients.start, []
+    real_plan, events = clconv.planner.plan, []
 
-    def failing(problem, queue, operation="forward", epilogue=()):
-        if operation == "weight_grad":
-            raise RuntimeError("injected build failure")
-        return real_plan(problem, queue, operation, epilogue)
+    def failing(when):
+        def plan(problem, queue, operation="forward", epilogue=()):
+            if operation == "weight_grad" and when == "planning":
+                raise RuntimeError("injected planning failure")
+            launch = real_plan(problem, queue, operation, epilogue)
 
-    def recorded(*args):
-        started.append(real_start(*args))
-        return started[-1]
+            def recorded(*args, **kwargs):
+                if operation == "weight_grad":
+                    raise RuntimeError("injected launch failure")
+                events.extend(launch(*args, **kwargs))
+                return events
+            return recorded
+        return plan
 
     real_finish, finished = cl.CommandQueue.finish, []
 
     def finish(queue):
         real_finish(queue)
         finished.append(all(e.command_execution_status == cl.command_execution_status.COMPLETE
-                            for s in started for e in s.events))
+                            for e in events))
 
-    monkeypatch.setattr(clconv.planner, "plan", failing)
-    monkeypatch.setattr(clconv.gradients, "start", recorded)
     monkeypatch.setattr(cl.CommandQueue, "finish", finish)
-    with pytest.raises(RuntimeError, match="injected"):
+    monkeypatch.setattr(clconv.planner, "plan", failing("launch"))
+    with pytest.raises(RuntimeError, match="injected launch failure"):
         clconv.conv2d_backward(x, w, g, **c.kwargs())
-    assert len(started) == 1 and finished == [True]     # waited for, before the raise
+    assert events and finished == [True]     # the input gradient's, waited for, before the raise
+    events.clear(), finished.clear()
+    monkeypatch.setattr(clconv.planner, "plan", failing("planning"))
+    with pytest.raises(RuntimeError, match="injected planning failure"):
+        clconv.conv2d_backward(x, w, g, **c.kwargs())
+    assert not events and not finished       # nothing enqueued: nothing to wait for
     monkeypatch.undo()
     for a, b in zip(clconv.conv2d_backward(x, w, g, **c.kwargs()), expected):
         np.testing.assert_array_equal(a, b)

@@ -169,6 +169,29 @@ def test_numpy_operands_in_place_any_alignment_layout_and_under_threads(queue):
             assert_matches(y, x, w, None, padding=1)
 
 
+def check_from_eight_threads(queue, w, count, gradients):
+    """count calls of the forward and of gradients(x, dy) -> (dx, dw[, db]), with random
+    inputs and w (6, 4, 3, 3), from eight threads at once, against torch's autograd."""
+    from concurrent.futures import ThreadPoolExecutor
+    torch = pytest.importorskip("torch")
+
+    def call(seed):
+        r = np.random.default_rng(seed)
+        x = r.standard_normal((1 + seed % 3, 4, 9, 11)).astype(np.float32)
+        dy = r.standard_normal((x.shape[0], 6, 9, 11)).astype(np.float32)
+        return x, dy, clconv.conv2d(x, w, padding=1, queue=queue), gradients(x, dy)
+
+    with ThreadPoolExecutor(8) as pool:
+        for x, dy, y, grads in pool.map(call, range(count)):
+            xt, wt = torch.from_numpy(x).requires_grad_(), torch.from_numpy(w).requires_grad_()
+            yt = torch.nn.functional.conv2d(xt, wt, padding=1)
+            yt.backward(torch.from_numpy(dy))
+            expected = (yt.detach().numpy(), xt.grad.numpy(), wt.grad.numpy(),
+                        dy.sum(axis=(0, 2, 3)))
+            for ours, theirs in zip((y, *grads), expected):
+                np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("alignment", [None, 0, 1 << 30],
                          ids=["probed", "maps-forced", "misaligned-for-the-rule"])
 def test_numpy_results_with_or_without_a_map(queue, monkeypatch, alignment):
@@ -176,10 +199,8 @@ def test_numpy_results_with_or_without_a_map(queue, monkeypatch, alignment):
     write the array's own memory, at an alignment the array has: the probe's answer, maps
     forced (0) and an alignment no array has (maps again) all give torch's results, forward
     and both gradients, from eight threads at once."""
-    from concurrent.futures import ThreadPoolExecutor
     import pyopencl as cl
     from clconv import arrays
-    torch = pytest.importorskip("torch")
     if not arrays.shares_host_memory(queue):
         pytest.skip("the device has memory of its own: results are copied")
     if alignment is not None:
@@ -188,23 +209,8 @@ def test_numpy_results_with_or_without_a_map(queue, monkeypatch, alignment):
     monkeypatch.setattr(cl, "enqueue_map_buffer",
                         lambda *a, **k: maps.append(1) or real_map(*a, **k))
     w = np.random.default_rng(10).standard_normal((6, 4, 3, 3)).astype(np.float32)
-
-    def call(seed):
-        r = np.random.default_rng(seed)
-        x = r.standard_normal((1 + seed % 3, 4, 9, 11)).astype(np.float32)
-        dy = r.standard_normal((x.shape[0], 6, 9, 11)).astype(np.float32)
-        return (x, dy, clconv.conv2d(x, w, padding=1, queue=queue),
-                clconv.conv2d_backward(x, w, dy, padding=1, queue=queue))
-
-    with ThreadPoolExecutor(8) as pool:
-        for x, dy, y, (dx, dw, db) in pool.map(call, range(24)):
-            xt, wt = torch.from_numpy(x).requires_grad_(), torch.from_numpy(w).requires_grad_()
-            yt = torch.nn.functional.conv2d(xt, wt, padding=1)
-            yt.backward(torch.from_numpy(dy))
-            np.testing.assert_allclose(y, yt.detach().numpy(), rtol=1e-4, atol=1e-4)
-            np.testing.assert_allclose(dx, xt.grad.numpy(), rtol=1e-4, atol=1e-4)
-            np.testing.assert_allclose(dw, wt.grad.numpy(), rtol=1e-4, atol=1e-4)
-            np.testing.assert_allclose(db, dy.sum(axis=(0, 2, 3)), rtol=1e-4, atol=1e-4)
+    check_from_eight_threads(queue, w, 24, lambda x, dy: clconv.conv2d_backward(
+        x, w, dy, padding=1, queue=queue))
     # Each call maps its results (one forward, three gradients) or none of them.
     if alignment is not None:
         assert len(maps) == 24 * 4
@@ -305,31 +311,13 @@ def test_copies_through_pinned_staging_where_memory_is_not_shared(queue, monkeyp
     """On a device with memory of its own (a GPU), NumPy operands and results go through the
     queue's pinned staging buffers, reused call after call: forced here on the CPU device,
     eight threads at once, forward and both gradients all give torch's results."""
-    from concurrent.futures import ThreadPoolExecutor
     import pyopencl as cl
     from clconv import arrays, scratch
-    torch = pytest.importorskip("torch")
     monkeypatch.setattr(arrays, "shares_host_memory", lambda queue: False)
     w = np.random.default_rng(9).standard_normal((6, 4, 3, 3)).astype(np.float32)
-
-    def call(seed):
-        r = np.random.default_rng(seed)
-        x = r.standard_normal((1 + seed % 3, 4, 9, 11)).astype(np.float32)
-        dy = r.standard_normal((x.shape[0], 6, 9, 11)).astype(np.float32)
-        return (x, dy, clconv.conv2d(x, w, padding=1, queue=queue),
-                clconv.conv2d_input_grad(x.shape, w, dy, padding=1, queue=queue),
-                clconv.conv2d_weight_grad(x, w.shape, dy, padding=1, queue=queue))
-
-    with ThreadPoolExecutor(8) as pool:
-        for x, dy, y, dx, dw in pool.map(call, range(32)):
-            tx, tw, tdy = (torch.from_numpy(a) for a in (x, w, dy))
-            assert_matches(y, x, w, None, padding=1)
-            np.testing.assert_allclose(dx, torch.nn.grad.conv2d_input(x.shape, tw, tdy,
-                                                                      padding=1).numpy(),
-                                       rtol=1e-4, atol=1e-4)
-            np.testing.assert_allclose(dw, torch.nn.grad.conv2d_weight(tx, w.shape, tdy,
-                                                                       padding=1).numpy(),
-                                       rtol=1e-4, atol=1e-4)
+    check_from_eight_threads(queue, w, 32, lambda x, dy: (
+        clconv.conv2d_input_grad(x.shape, w, dy, padding=1, queue=queue),
+        clconv.conv2d_weight_grad(x, w.shape, dy, padding=1, queue=queue)))
     pinned = cl.mem_flags.READ_WRITE | cl.mem_flags.ALLOC_HOST_PTR
     kept = scratch.of(queue).buffers
     assert {("upload0", pinned), ("upload1", pinned), ("download", pinned)} <= set(kept)

@@ -143,10 +143,8 @@ def _lands_in_place(queue, alignment, base_align):
     a = raw[start:start + PROBE_WORDS]
     try:
         buffer = host_buffer(queue, a, cl.mem_flags.READ_WRITE)
-        kernel = programs.kernel(queue.context, "mark.cl.mako", "mark", MARK_ARGS,
-                                 marker=PROBE_MARKER)
-        kernel(queue, (PROBE_WORDS,), None, buffer).wait()
-        landed = bool(np.all(a == PROBE_MARKER + np.arange(PROBE_WORDS, dtype=np.uint32)))
+        mark(queue, buffer).wait()
+        landed = bool(np.all(a == marks()))
         mapped, _ = cl.enqueue_map_buffer(queue, buffer, cl.map_flags.READ, 0, a.shape,
                                           a.dtype, is_blocking=True)
         same = mapped.ctypes.data == a.ctypes.data
@@ -155,6 +153,19 @@ def _lands_in_place(queue, alignment, base_align):
     except cl.Error:
         return False
     return landed and same
+
+
+def mark(queue, buffer):
+    """Launch writes_in_place's probe kernel on buffer (PROBE_WORDS uint words): each word
+    becomes its value in marks()."""
+    kernel = programs.kernel(queue.context, "mark.cl.mako", "mark", MARK_ARGS,
+                             marker=PROBE_MARKER)
+    return kernel(queue, (PROBE_WORDS,), None, buffer)
+
+
+def marks():
+    """The words mark writes: the marker plus each word's index."""
+    return PROBE_MARKER + np.arange(PROBE_WORDS, dtype=np.uint32)
 
 
 def upload(queue, a, role):

@@ -15,10 +15,11 @@ import math
 import sys
 
 import numpy as np
+import pyopencl as cl
 import pyopencl.array as cl_array
 
 import clconv
-from clconv import capabilities
+from clconv import arrays, capabilities
 from clconv.algorithms import ALGORITHMS
 from clconv.problem import make_problem
 
@@ -531,6 +532,16 @@ def run_probe(queue, storage, n):
     return failure is None, 0.0 if failure is None else float("inf")
 
 
+def run_mark(queue):
+    """The kernel of the probe of whether kernels write host memory in place
+    (clconv.arrays.writes_in_place), on a buffer of the device's own: its words read back."""
+    buffer = cl.Buffer(queue.context, cl.mem_flags.READ_WRITE, arrays.PROBE_WORDS * 4)
+    words = np.empty(arrays.PROBE_WORDS, np.uint32)
+    cl.enqueue_copy(queue, words, buffer, wait_for=[arrays.mark(queue, buffer)])
+    wrong = int(np.count_nonzero(words != arrays.marks()))
+    return not wrong, float(wrong)
+
+
 DTYPES = ("float16", "float32", "float64")
 PROBES = [(s, n) for s in ("half", "float", "double") for n in capabilities.WIDTHS]
 
@@ -545,7 +556,7 @@ def gpu_like_names():
 def all_names():
     return ([v[0] for v in variants()] + [f"gather-{d}" for d in DTYPES]
             + [f"bias_grad-{d}-n{n}" for d in DTYPES for n in (1, 64)]
-            + [f"probe-{s}-{n}" for s, n in PROBES])
+            + [f"probe-{s}-{n}" for s, n in PROBES] + ["mark"])
 
 
 def main(names):
@@ -563,6 +574,8 @@ def main(names):
         elif name.startswith("probe-"):
             storage, n = name[len("probe-"):].split("-")
             good, err = run_probe(queue, storage, int(n))
+        elif name == "mark":
+            good, err = run_mark(queue)
         else:
             good, err = run_variant(queue, name, *specs[name])
         print(f"{name}: {'ok' if good else 'WRONG'} (max error {err:.2e})", flush=True)

@@ -96,6 +96,8 @@ def test_variants_cover_every_template_branch():
                 else:       # rendered only: the arms of widths this compiler refuses
                     programs.render("probe.cl.mako", parameters="",
                                     **capabilities.probe_constants(storage, int(n)))
+            elif name == "mark":
+                oclgrind_variants.run_mark(queue)
             elif oclgrind_variants.allowed(queue, specs[name][-2], specs[name][-1]):
                 oclgrind_variants.build_variant(queue, name, *specs[name])
     missing = sorted(programs.all_template_branches() - taken)

@@ -12,6 +12,8 @@ non-contiguous NumPy array is made contiguous on the host first (one copy).
 """
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pyopencl as cl
 import pyopencl.array as cl_array
@@ -232,8 +234,20 @@ def gather_contiguous(queue, a):
     shape = (1,) * pad + tuple(a.shape)
     strides = (0,) * pad + tuple(s // itemsize for s in a.strides)
     out = empty(queue, a.shape, a.dtype)
-    kernel = programs.kernel(queue.context, "gather.cl.mako", "gather4d", GATHER_ARGS,
-                             word_t=WORD_TYPES[itemsize], shape=shape, strides=strides)
-    out.add_event(kernel(queue, shape[:0:-1], None, a.base_data, a.offset // itemsize,
-                         out.base_data, wait_for=a.events))
+    key = (WORD_TYPES[itemsize], shape, strides)
+    gathers = _gathers.table(queue.context)
+    built = gathers.get(key)
+    if built is None:
+        built = gathers[key] = (programs.kernel(queue.context, "gather.cl.mako", "gather4d",
+                                                GATHER_ARGS, word_t=key[0], shape=shape,
+                                                strides=strides), threading.Lock())
+    kernel, lock = built
+    with lock:      # a Kernel's arguments are set, then enqueued: one caller at a time
+        out.add_event(kernel(queue, shape[:0:-1], None, a.base_data, a.offset // itemsize,
+                             out.base_data, wait_for=a.events))
     return out
+
+
+# Built gather kernels per context, by (word type, shape, strides): a new Kernel object costs
+# a few hundred µs in pyopencl (its argument setter), more than most gathers.
+_gathers = programs.ContextMemo()

@@ -57,6 +57,33 @@ def test_non_contiguous_and_offset_device_views(queue, rng, view):
     assert np.array_equal(dev.get(), base)      # the input is left untouched
 
 
+
+def test_a_view_of_a_shape_seen_before_reuses_its_gather_kernel_under_threads(
+        queue, rng, monkeypatch):
+    """The gather kernel of a view's shape and strides is built once per context and shared:
+    eight threads gathering views of that layout at once each get their own values."""
+    from concurrent.futures import ThreadPoolExecutor
+    from clconv import arrays, programs
+    built, real_kernel = [], programs.kernel
+    monkeypatch.setattr(programs, "kernel",
+                        lambda *a, **k: built.append(a[1]) or real_kernel(*a, **k))
+    monkeypatch.setattr(arrays, "_gathers", programs.ContextMemo())
+    w = rng.standard_normal((3, 4, 3, 3)).astype(np.float32)
+    bases = [rng.standard_normal((2, 4, 12, 14)).astype(np.float32) for _ in range(24)]
+    wd = cl_array.to_device(queue, w)
+
+    def call(base):
+        return clconv.conv2d(cl_array.to_device(queue, base)[:, :, 1:10:2, ::3], wd,
+                             padding=1).get()
+
+    with ThreadPoolExecutor(8) as pool:
+        for base, y in zip(bases, pool.map(call, bases)):
+            assert close(y, conv2d_reference(base[:, :, 1:10:2, ::3], w, padding=1))
+    assert 1 <= built.count("gather.cl.mako") <= 8      # at most one per racing first call
+    before = built.count("gather.cl.mako")
+    call(bases[0])
+    assert built.count("gather.cl.mako") == before
+
 def test_operand_on_another_context_is_rejected(queue, rng):
     other = cl.CommandQueue(cl.Context([queue.device]))
     x = cl_array.to_device(other, np.ones((1, 1, 4, 4), np.float32))

@@ -52,6 +52,9 @@ def cmd_info(args):
                   f"{'yes' if info.fp64 else 'no'}; float16 works either way (half storage, "
                   "float32 arithmetic)")
             print("      " + info.capabilities.describe().replace("\n", "\n      "))
+            if info.is_cpu:
+                print(f"      processor {info.processor or 'unknown'} (a shipped database "
+                      "that names another processor model does not apply)")
             print(f"      capabilities probed once per device and driver: "
                   f"{capabilities.cache_path(info)}")
     print("* = the device clconv uses (CLCONV_DEVICE=substring or --device to choose)")

@@ -8,6 +8,8 @@ chosen one is refused with the compiler's reason).
 from __future__ import annotations
 
 import os
+import platform
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -71,6 +73,9 @@ class DeviceInfo:
     host_unified_memory: bool = False   # computes in the host's memory (a CPU device)
     cacheline: int = 64             # bytes of a global memory cache line
     base_addr_align: int = 128      # bytes: CL_DEVICE_MEM_BASE_ADDR_ALIGN (given in bits)
+    # A CPU device's processor model (host_processor), which its OpenCL name may not tell:
+    # PoCL names a Zen 4 and a Zen 5 EPYC alike. None for other devices, or where unknown.
+    processor: str | None = None
     # What the device's compiler really does (clconv.capabilities.Capabilities): probed
     # above this layer, so None in the queried facts.
     capabilities: object = None
@@ -94,7 +99,32 @@ class DeviceInfo:
             host_unified_memory=_host_unified(device),
             cacheline=device.global_mem_cacheline_size or 64,
             base_addr_align=max(device.mem_base_addr_align // 8, 1),
+            processor=host_processor() if device.type & cl.device_type.CPU else None,
         )
+
+
+def host_processor(cpuinfo="/proc/cpuinfo"):
+    """This machine's processor model: 'VENDOR family F model M' (x86) or 'implementer I
+    part P' (Arm), from Linux's cpuinfo, else from platform.processor() (Windows gives the
+    x86 form); None where neither tells."""
+    fields = {}
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if not line.strip():
+                    if fields:
+                        break           # the first processor's block is enough
+                    continue
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    if {"vendor_id", "cpu family", "model"} <= fields.keys():
+        return f"{fields['vendor_id']} family {fields['cpu family']} model {fields['model']}"
+    if {"CPU implementer", "CPU part"} <= fields.keys():
+        return f"implementer {fields['CPU implementer']} part {fields['CPU part']}"
+    found = re.search(r"Family (\d+) Model (\d+)\b.*?, (\S+)", platform.processor())
+    return f"{found[3]} family {found[1]} model {found[2]}" if found else None
 
 
 def _host_unified(device):

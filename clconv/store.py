@@ -15,7 +15,7 @@ corrupt, truncated or foreign file gives one warning and is ignored; the next wr
 it. Every write bumps the generation in state(), which the planner's memo keys include, so
 plans made from older entries are not reused. Databases (tuning/database/*.json, or
 `clconv tune --export`) hold the same entries and a `match` of regular expressions on the
-device; they are the fallback below the user's own cache, for the devices their `match`
+device (and, for a CPU device, its processor model); they are the fallback below the user's own cache, for the devices their `match`
 names whose capabilities' key equals the one they were tuned with (their `capabilities`,
 when they give it). Every entry from either is validated against its algorithm (known, of
 the operation, applies, suits the device, its declared parameters and values, its
@@ -115,6 +115,17 @@ def state():
 def device_key(info):
     return {"name": info.name, "vendor": info.vendor, "platform": info.platform,
             "driver_version": info.driver_version, "capabilities": of_info(info).key()}
+
+
+def database_key(info):
+    """What a database's `match` and `tuned_on` name: device_key and, for a CPU device, its
+    processor model (DeviceInfo.processor), since one OpenCL name can cover CPUs whose best
+    configurations differ. Not part of the cache's key: a user's own cache is of one
+    machine."""
+    key = device_key(info)
+    if info.processor is not None:
+        key["processor"] = info.processor
+    return key
 
 
 def cache_path(info) -> Path:
@@ -264,10 +275,10 @@ def export_database(info, path, entries=None):
     `match` names this device exactly; widen the regular expressions for a device family."""
     entries = cache_entries(info) if entries is None else entries
     data = {"format": DATABASE_FORMAT, "version": VERSION, "clconv_version": __version__,
-            "match": {k: re.escape(v) for k, v in device_key(info).items()
+            "match": {k: re.escape(v) for k, v in database_key(info).items()
                       if k not in ("driver_version", "capabilities")},
             "capabilities": of_info(info).key(),
-            "tuned_on": device_key(info),
+            "tuned_on": database_key(info),
             "entries": dict(sorted((k, _stamped(e)) for k, e in entries.items()))}
     write_json_atomic(path, data)
     return len(entries)
@@ -288,7 +299,7 @@ def matching_databases(info):
     """[(path, entries)] of every shipped database that matches this device, in name order
     (entries whose sources are out of date included: tuned_choice skips them)."""
     found = []
-    key = device_key(info)
+    key = database_key(info)
     for path in sorted(databases_dir().glob("*.json")):
         db = _load(path, _read_database)
         if not db:

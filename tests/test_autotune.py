@@ -448,6 +448,32 @@ def test_shipped_database_is_the_fallback(cache_dir, tmp_path, queue, info, monk
         assert planner.chosen(q, queue)[1] != OTHER
 
 
+
+def test_a_database_applies_only_to_the_processor_it_was_tuned_on(cache_dir, tmp_path, queue,
+                                                                  info, monkeypatch):
+    """One OpenCL name can cover CPUs whose best configurations differ (PoCL names a Zen 4
+    and a Zen 5 EPYC alike): an exported database names a CPU device's processor model, and
+    does not apply to another model, nor where the model is unknown."""
+    import dataclasses
+    p = problem_of()
+    db_dir = tmp_path / "db"
+    db_dir.mkdir()
+    path = db_dir / "this-device.json"
+    cache.export_database(info, path, {cache.signature(p): entry(OTHER)})
+    monkeypatch.setattr(cache, "databases_dir", lambda: db_dir)
+    data = json.loads(path.read_text())
+    if not info.is_cpu:
+        assert "processor" not in data["match"]
+        pytest.skip("a GPU's databases are matched by its OpenCL name alone")
+    assert data["tuned_on"]["processor"] == info.processor
+    assert cache.matching_databases(info) and planner.chosen(p, queue)[1] == OTHER
+    assert not cache.matching_databases(dataclasses.replace(info, processor=None))
+    path.write_text(json.dumps(dict(data, match=dict(data["match"],
+                                                     processor="GenuineIntel family 6 model 1"))))
+    planner.forget()
+    assert not cache.matching_databases(info)
+    assert planner.chosen(p, queue)[1] != OTHER
+
 def test_shipped_databases_are_well_formed_and_current(info):
     for path in sorted(cache.databases_dir().glob("*.json")):
         data = json.loads(path.read_text())

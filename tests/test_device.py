@@ -190,3 +190,25 @@ def test_bench_compares_onnxruntime_on_the_same_convolution(queue):
     row = bench.bench_layer(layer, queue, 2, with_torch=False)
     assert row.ok and row.ort_ms > 0 and row.ort_speedup > 0
     assert "vs ort" in bench.format_table([row], ["ort"])
+
+
+def test_host_processor_from_cpuinfo_or_the_platform(tmp_path, monkeypatch):
+    """The processor model a CPU device's shipped databases are matched on: the first
+    processor's block of Linux's cpuinfo (x86 or Arm), else platform.processor()'s x86 form
+    (Windows), else unknown."""
+    import platform
+    from clconv.device import host_processor
+    x86 = tmp_path / "x86"
+    x86.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\n"
+                   "model\t\t: 17\nmodel name\t: AMD EPYC\n\nprocessor\t: 1\n"
+                   "vendor_id\t: Other\ncpu family\t: 1\nmodel\t\t: 2\n")
+    assert host_processor(x86) == "AuthenticAMD family 25 model 17"
+    arm = tmp_path / "arm"
+    arm.write_text("processor\t: 0\nBogoMIPS\t: 50.00\nCPU implementer\t: 0x41\n"
+                   "CPU part\t: 0xd0c\n\n")
+    assert host_processor(arm) == "implementer 0x41 part 0xd0c"
+    monkeypatch.setattr(platform, "processor",
+                        lambda: "AMD64 Family 26 Model 2 Stepping 0, AuthenticAMD")
+    assert host_processor(tmp_path / "missing") == "AuthenticAMD family 26 model 2"
+    monkeypatch.setattr(platform, "processor", lambda: "")
+    assert host_processor(tmp_path / "missing") is None

@@ -66,6 +66,7 @@ class TuneResult:
     space: int = 0
     strategy: str = ""
     seconds: float = 0.0
+    algorithms: tuple | None = None     # the candidates' algorithms' names (None: unknown)
 
     @property
     def signature(self):
@@ -79,8 +80,10 @@ class TuneResult:
 
     def entry(self):
         """The cache entry of the winner."""
+        searched = {} if self.algorithms is None else {"algorithms": sorted(self.algorithms)}
         return {"algorithm": self.best.algorithm, "config": self.best.config,
-                "sources": store.sources_of(self.best.algorithm), "ms": round(self.best.ms, 6),
+                "sources": store.sources_of(self.best.algorithm), **searched,
+                "ms": round(self.best.ms, 6),
                 "default_ms": round(self.default.ms, 6) if self.default.ok else None,
                 "batch": self.problem.batch, "candidates_tried": len(self.trials),
                 "space": self.space, "tuning_seconds": round(self.seconds, 1),
@@ -175,7 +178,8 @@ class Tuner:
         default_alg, default_config = algorithms.choose(self.problem, self.info,
                                                         self.operation)
         space = self.candidates()
-        result = TuneResult(self.problem, self.operation, None, None, space=len(space))
+        result = TuneResult(self.problem, self.operation, None, None, space=len(space),
+                            algorithms=tuple(a.name for a in self.algorithms))
         seen = set()
 
         def try_one(algorithm, config):

@@ -4,10 +4,11 @@ A cache file's name and its header carry the device's key: name, vendor, platfor
 version and the probed capabilities' key (clconv.capabilities: the vector widths its
 compiler builds and runs correctly), so a driver update, or a probe that now refuses a
 width, looks in another file. Entries map a problem signature
-to the winning algorithm, its parameters, the measured times and `sources`: the hash of the
-templates that algorithm renders (programs.sources_hash). An entry whose sources differ from
-the installed templates' is out of date and silently skipped, so editing one template
-invalidates exactly the entries of the algorithms that render it.
+to the winning algorithm, its parameters, the measured times, `algorithms` (the candidates'
+algorithms) and `sources`: the hash of the templates that algorithm renders
+(programs.sources_hash). An entry whose sources differ from the installed templates' is out
+of date and silently skipped, so editing one template invalidates exactly the entries of the
+algorithms that render it; so is one whose search lacked an algorithm that now applies.
 
 Writes hold a cross-process lock (filelock, on <file>.lock), re-read the file, merge, and
 replace it atomically (temporary file + rename), so concurrent tuners lose nothing. A
@@ -200,6 +201,9 @@ def _entry_form_problem(e):
         return f"batch must be a non-negative int, got {e.get('batch')!r}"
     if not isinstance(e.get("sources"), (str, type(None))):
         return "sources must be a string"
+    searched = e.get("algorithms", [])
+    if not (isinstance(searched, list) and all(isinstance(a, str) for a in searched)):
+        return "algorithms must be a list of algorithm names"
     ms = e.get("ms", 0.0)
     if isinstance(ms, bool) or not isinstance(ms, (int, float)) or not ms >= 0:
         return f"ms must be a non-negative number, got {ms!r}"
@@ -243,7 +247,7 @@ def _stamped(entry):
 def record(info, new_entries, replace=False):
     """Merge new_entries into this device's cache file; returns the file's path.
     For a signature already present the faster entry stays, unless replace is set (or the
-    present one is out of date)."""
+    present one is out of date, or searched fewer algorithms)."""
     path = cache_path(info)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -254,6 +258,7 @@ def record(info, new_entries, replace=False):
             for sig, entry in new_entries.items():
                 entry, old = _stamped(entry), entries.get(sig)
                 if (replace or old is None or not is_current(old)
+                        or set(old.get("algorithms", ())) < set(entry.get("algorithms", ()))
                         or entry.get("ms", math.inf) <= old.get("ms", math.inf)):
                     entries[sig] = entry
             data = {"format": CACHE_FORMAT, "version": VERSION, "clconv_version": __version__,
@@ -328,14 +333,32 @@ def is_current(entry):
             and entry.get("sources") == sources_of(entry["algorithm"]))
 
 
-def nearest(entries, problem, operation="forward"):
-    """The current entry for operation on problem: its own signature, else the same layer
+def unsearched(entry, problem, info, operation="forward"):
+    """The algorithms that apply to operation on problem on this device but were not among
+    entry's candidates (its `algorithms`): a tuned choice is the best of what was tried, so
+    an algorithm added since puts it out of date. [] for an entry that does not say (tuned
+    before clconv recorded it)."""
+    searched = entry.get("algorithms")
+    if searched is None:
+        return []
+    return [a.name for a in algorithms.for_operation(operation)
+            if a.name not in searched and a.suits(info) and a.applies(problem)]
+
+
+def usable(entry, problem, info, operation="forward"):
+    """Whether entry is current (is_current) and searched every algorithm that applies."""
+    return is_current(entry) and not unsearched(entry, problem, info, operation)
+
+
+def nearest(entries, problem, info, operation="forward"):
+    """The usable entry for operation on problem: its own signature, else the same layer
     tuned at the nearest batch size (on a log scale), else None."""
     exact = entries.get(signature(problem, operation=operation))
-    if exact is not None and is_current(exact):
+    if exact is not None and usable(exact, problem, info, operation):
         return exact
     layer = signature(problem, batch=False, operation=operation) + " n"
-    same = [e for sig, e in entries.items() if sig.startswith(layer) and is_current(e)]
+    same = [e for sig, e in entries.items()
+            if sig.startswith(layer) and usable(e, problem, info, operation)]
     if not same:
         return None
     n = max(problem.batch, 1)
@@ -369,7 +392,7 @@ def tuned_choice(problem, info, operation="forward"):
     if options.tuning_mode() == "off":
         return None
     for path, entries in [(cache_path(info), cache_entries(info))] + matching_databases(info):
-        entry = nearest(entries, problem, operation)
+        entry = nearest(entries, problem, info, operation)
         if entry is None:
             continue
         algorithm = algorithms.ALGORITHMS.get(entry["algorithm"])
@@ -387,4 +410,4 @@ def needs_tuning(problem, info, operation="forward"):
     if options.tuning_mode() != "on":
         return False
     entry = cache_entries(info).get(signature(problem, operation=operation))
-    return entry is None or not is_current(entry)
+    return entry is None or not usable(entry, problem, info, operation)

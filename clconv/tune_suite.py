@@ -14,7 +14,7 @@ from . import algorithms
 from .capabilities import device_info
 from .search import Tuner
 from .store import (CacheWriteError, cache_entries, cache_path, check_writable, entry_problem,
-                    export_database, is_current, record, signature)
+                    export_database, record, signature, usable)
 from .suites import describe, geomean, layer_problem, select_layers
 
 
@@ -75,7 +75,7 @@ def tune_layer(problem, queue, budget, retune, progress, operation="forward"):
     cached = cache_entries(info).get(signature(problem, operation=operation))
     tuner = Tuner(problem, queue, operation=operation)
     how = "tuned"
-    if cached is not None and is_current(cached) and not retune:
+    if cached is not None and usable(cached, problem, info, operation) and not retune:
         algorithm = algorithms.ALGORITHMS[cached["algorithm"]]   # known: cache_entries says
         reason = entry_problem(algorithm, cached["config"], problem, info, operation)
         if reason is None:

@@ -401,6 +401,40 @@ def test_mode_on_tunes_unseen_problems_once(cache_dir, queue, info, rng, monkeyp
     run_and_check(problem_of(cout=7), queue, rng)   # cached mode never tunes
 
 
+
+def test_an_entry_is_out_of_date_once_an_algorithm_it_did_not_search_applies(
+        cache_dir, queue, info, rng, monkeypatch):
+    """A tuned entry names its candidates' algorithms; one whose search lacked an algorithm
+    that now applies (one added since) is passed over for the heuristic, at its own batch
+    and at others, mode 'on' tunes it again, and the new entry replaces it even where it
+    measured slower. An entry that names none (tuned before clconv recorded them) stays."""
+    p = problem_of(cout=5)
+    sig = cache.signature(p)
+    applying = sorted(a.name for a in algorithms.for_operation("forward")
+                      if a.applies(p) and a.suits(info))
+    assert "direct" in applying and len(applying) > 1
+    cache.record(info, {sig: dict(entry(OTHER, ms=1e-6), algorithms=["direct"])})
+    heuristic = algorithms.choose(p, info, "forward")
+    assert planner.chosen(p, queue) == (heuristic[0].name, heuristic[1])
+    assert planner.chosen(problem_of(n=2, cout=5), queue)[1] != OTHER     # nearest batch too
+    assert cache.unsearched(cache.cache_entries(info)[sig], p, info) == [
+        a for a in applying if a != "direct"]
+    cache.record(info, {sig: dict(entry(OTHER, ms=1e-6), algorithms=applying)})
+    planner.forget()
+    assert planner.chosen(p, queue)[1] == OTHER
+    cache.record(info, {sig: entry(OTHER, ms=1e-6)}, replace=True)       # names none
+    planner.forget()
+    assert planner.chosen(p, queue)[1] == OTHER
+
+    cache.record(info, {sig: dict(entry(OTHER, ms=1e-6), algorithms=["direct"])}, replace=True)
+    monkeypatch.setenv("CLCONV_TUNE", "on")
+    monkeypatch.setenv("CLCONV_TUNE_BUDGET", "1.5")
+    planner.forget()
+    run_and_check(p, queue, rng)
+    tuned = cache.cache_entries(info)[sig]
+    assert tuned["algorithms"] == applying and tuned["ms"] > 1e-6
+    assert planner.chosen(p, queue)[1] == tuned["config"]
+
 def test_tune_budget_variable_is_checked(cache_dir, monkeypatch):
     monkeypatch.setenv("CLCONV_TUNE_BUDGET", "soon")
     with pytest.raises(ValueError, match="CLCONV_TUNE_BUDGET"):
@@ -484,6 +518,7 @@ def test_shipped_databases_are_well_formed_and_current(info):
                 f"{path.name}: {sig} was tuned with other {e['algorithm']} kernel sources: "
                 "re-tune it (clconv tune --export)")
             assert {p.name for p in ALGORITHMS[e["algorithm"]].params} == set(e["config"])
+            assert e["algorithm"] in e["algorithms"], (path.name, sig)
 
 
 # --- command line --------------------------------------------------------------------------
@@ -574,7 +609,9 @@ def bad_entries(p, info):
               ("missing-parameter", entry(dict(list(config.items())[1:]),
                                           algorithm=algorithm.name)),
               ("ms-text", dict(entry(config, algorithm=algorithm.name), ms="fast")),
-              ("batch-text", dict(entry(config, algorithm=algorithm.name), batch="1"))]
+              ("batch-text", dict(entry(config, algorithm=algorithm.name), batch="1")),
+              ("algorithms-text", dict(entry(config, algorithm=algorithm.name),
+                                       algorithms=algorithm.name))]
     unsuited = [a for a in algorithms.for_operation("forward")
                 if a.applies(p) and not a.suits(info)]
     cases += [(f"unsuited-{a.name}", entry(a.default_config(p, info), algorithm=a.name))

@@ -16,11 +16,11 @@ corrupt, truncated or foreign file gives one warning and is ignored; the next wr
 it. Every write bumps the generation in state(), which the planner's memo keys include, so
 plans made from older entries are not reused. Databases (tuning/database/*.json, or
 `clconv tune --export`) hold the same entries and a `match` of regular expressions on the
-device (and, for a CPU device, its processor model); they are the fallback below the user's own cache, for the devices their `match`
-names whose capabilities' key equals the one they were tuned with (their `capabilities`,
-when they give it). Every entry from either is validated against its algorithm (known, of
-the operation, applies, suits the device, its declared parameters and values, its
-constraints) before it is used.
+device (and, for a CPU device, its processor model); they are the fallback below the user's
+own cache, for the devices their `match` names whose capabilities' key equals the one they
+were tuned with (their `capabilities`, when they give it). Every entry from either is
+validated against its algorithm (known, of the operation, applies, suits the device, its
+declared parameters and values, its constraints) before it is used.
 """
 from __future__ import annotations
 

@@ -401,7 +401,6 @@ def test_mode_on_tunes_unseen_problems_once(cache_dir, queue, info, rng, monkeyp
     run_and_check(problem_of(cout=7), queue, rng)   # cached mode never tunes
 
 
-
 def test_an_entry_is_out_of_date_once_an_algorithm_it_did_not_search_applies(
         cache_dir, queue, info, rng, monkeypatch):
     """A tuned entry names its candidates' algorithms; one whose search lacked an algorithm
@@ -434,6 +433,7 @@ def test_an_entry_is_out_of_date_once_an_algorithm_it_did_not_search_applies(
     tuned = cache.cache_entries(info)[sig]
     assert tuned["algorithms"] == applying and tuned["ms"] > 1e-6
     assert planner.chosen(p, queue)[1] == tuned["config"]
+
 
 def test_tune_budget_variable_is_checked(cache_dir, monkeypatch):
     monkeypatch.setenv("CLCONV_TUNE_BUDGET", "soon")
@@ -482,7 +482,6 @@ def test_shipped_database_is_the_fallback(cache_dir, tmp_path, queue, info, monk
         assert planner.chosen(q, queue)[1] != OTHER
 
 
-
 def test_a_database_applies_only_to_the_processor_it_was_tuned_on(cache_dir, tmp_path, queue,
                                                                   info, monkeypatch):
     """One OpenCL name can cover CPUs whose best configurations differ (PoCL names a Zen 4
@@ -507,6 +506,7 @@ def test_a_database_applies_only_to_the_processor_it_was_tuned_on(cache_dir, tmp
     planner.forget()
     assert not cache.matching_databases(info)
     assert planner.chosen(p, queue)[1] != OTHER
+
 
 def test_shipped_databases_are_well_formed_and_current(info):
     for path in sorted(cache.databases_dir().glob("*.json")):

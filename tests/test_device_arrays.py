@@ -57,7 +57,6 @@ def test_non_contiguous_and_offset_device_views(queue, rng, view):
     assert np.array_equal(dev.get(), base)      # the input is left untouched
 
 
-
 def test_a_view_of_a_shape_seen_before_reuses_its_gather_kernel_under_threads(
         queue, rng, monkeypatch):
     """The gather kernel of a view's shape and strides is built once per context and shared:
@@ -83,6 +82,7 @@ def test_a_view_of_a_shape_seen_before_reuses_its_gather_kernel_under_threads(
     before = built.count("gather.cl.mako")
     call(bases[0])
     assert built.count("gather.cl.mako") == before
+
 
 def test_operand_on_another_context_is_rejected(queue, rng):
     other = cl.CommandQueue(cl.Context([queue.device]))

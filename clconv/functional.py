@@ -106,12 +106,12 @@ def prepare_into(make_launch, queue, operands, out_shape, dtype, batch):
     result and the launch are made here, and calling what this returns enqueues the kernels
     and returns the Started launch (or the result) for finish. A caller with several
     launches prepares them all first (enqueue_all): a failure in planning, building or
-    allocating then comes before any kernel is enqueued, and only enqueueing is left
-X
-    absent, e.g. no bias). The result (finish) is a pyopencl array when the first operand is
-    one, else NumPy (written in place where the device shares the host's memory); an empty
-    one needs no launch. A NumPy operand is used in place only by a result that finish waits
-    for, else uploaded here."""
+    allocating then comes before any kernel is enqueued, and only enqueueing is left for
+    later. operands: its inputs in order, NumPy or pyopencl arrays (None: absent, e.g. no
+    bias). The result (finish) is a pyopencl array when the first operand is one, else NumPy
+    (written in place where the device shares the host's memory); an empty one needs no
+    launch. A NumPy operand is used in place only by a result that finish waits for, else
+    uploaded here."""
     on_device = arrays.is_device_array(operands[0])
     if 0 in out_shape:
         empty = arrays.empty(queue, out_shape, dtype) if on_device else np.empty(out_shape, dtype)

@@ -302,8 +302,8 @@ def input_grad_variants():
     """The input gradient's GEMMs: phases without taps (zeros), dy read in place by a 1x1
     kernel whose last tiles read lane by lane, strided stores (whole vectors within a row
     and across its end), every vector count and width, unrolled columns, dtypes, long
-    indices; the stride-1 depthwise form (the forward's kernel on flipped weights) and the
-    stride-1 forward form (input_grad_forward)."""
+    indices; the stride-1 depthwise form (the forward's kernel on flipped weights), the
+    stride-1 forward form (input_grad_forward) and the strided 1x1 form (input_grad_spread)."""
     def gemm(tc, tv, tw, **extra):
         return dict(algorithm="input_grad_gemm", tc=tc, tv=tv, tw=tw) | extra
     op = "input_grad"
@@ -319,9 +319,12 @@ def input_grad_variants():
     yield ("igemm-depthwise-mult2-s2", op, (1, 3, 9, 11), (6, 1, 3, 3), False,
            dict(stride=2, padding=1, groups=3, padding_mode="replicate"), "float32",
            gemm(1, 4, 8))
-    # wt=1: the weight's channels swapped first (groups, a ragged channel block, dtypes).
+    # wt=1: the weight's channels swapped first (groups, ragged and whole blocks of
+    # swap_channels, dtypes).
     yield ("igemm-transposed-g2-ragged", op, (2, 6, 7, 9), (4, 3, 3, 3), False,
            dict(stride=2, padding=1, groups=2), "float32", gemm(2, 2, 4, wt=1))
+    yield ("igemm-transposed-blocks", op, (1, 10, 5, 6), (17, 10, 3, 3), False,
+           dict(padding=1), "float32", gemm(2, 1, 4, wt=1))
     for dtype in ("float16", "float64"):
         yield (f"igemm-transposed-{dtype}", op, (1, 3, 5, 6), (4, 3, 3, 3), False,
                dict(padding=1), dtype, gemm(2, 1, 4, wt=1))
@@ -354,6 +357,8 @@ def input_grad_variants():
         return register_tile("input_grad_forward", tk, tv, tw, **extra)
     yield ("igfwd-1x1-packed", op, (2, 5, 3, 5), (3, 5, 1, 1), False, {}, "float32",
            fwd(2, 1, 4, pack=1))
+    yield ("igfwd-1x1-blocks", op, (1, 17, 4, 5), (10, 17, 1, 1), False, {}, "float32",
+           fwd(2, 1, 4))
     yield ("igfwd-1x1-g2-ragged", op, (2, 6, 4, 9), (6, 3, 1, 1), False, dict(groups=2),
            "float32", fwd(2, 2, 8))
     yield ("igfwd-same-even-d2-g2", op, (1, 4, 9, 10), (4, 2, 2, 3), False,
@@ -366,6 +371,25 @@ def input_grad_variants():
         tile = (1, 1) if dtype == "float64" else (2, 1)
         yield (f"igfwd-tw16-{dtype}", op, (1, 3, 5, 19), (4, 3, 3, 3), False,
                dict(padding=1), dtype, fwd(*tile, 16))
+    # A strided 1x1 layer's form: the forward's GEMM on the compact positions into scratch,
+    # then the spread (asymmetric strides and padding, groups, every vector count and width,
+    # dtypes, long indices).
+    def spread(tk, tv, tw, **extra):
+        return register_tile("input_grad_spread", tk, tv, tw, **extra)
+    yield ("igspread-s2-packed", op, (2, 5, 7, 9), (3, 5, 1, 1), False, dict(stride=2),
+           "float32", spread(2, 1, 4, pack=1))
+    yield ("igspread-s2x3-p1-g2-ragged", op, (1, 6, 8, 10), (6, 3, 1, 1), False,
+           dict(stride=(2, 3), padding=1, groups=2), "float32", spread(2, 2, 8))
+    yield ("igspread-s3-asym-pad", op, (2, 3, 7, 8), (4, 3, 1, 1), False,
+           dict(stride=3, padding=(2, 1)), "float32", spread(1, 3, 2, ukw=1))
+    yield ("igspread-tv4", op, (1, 3, 9, 9), (4, 3, 1, 1), False, dict(stride=2), "float32",
+           spread(2, 4, 2))
+    yield ("igspread-long-index", op, (1, 3, 6, 7), (4, 3, 1, 1), False, dict(stride=2),
+           "float32", spread(2, 1, 4, idx_t="long"))
+    for dtype in DTYPES:
+        tile = (1, 1) if dtype == "float64" else (2, 1)
+        yield (f"igspread-tw16-{dtype}", op, (1, 3, 5, 37), (4, 3, 1, 1), False,
+               dict(stride=2, padding=1), dtype, spread(*tile, 16))
 
 
 def weight_grad_variants():

@@ -6,7 +6,7 @@ from .depthwise import Depthwise
 from .direct import Direct
 from .implicit_gemm import ImplicitGemm
 from .input_grad_depthwise import InputGradDepthwise
-from .input_grad_forward import InputGradForward
+from .input_grad_forward import InputGradForward, InputGradSpread
 from .input_grad_gemm import InputGradGemm
 from .tiled_gemm import TiledGemm
 from .weight_grad_channels import WeightGradChannels
@@ -14,8 +14,8 @@ from .weight_grad_gemm import WeightGradGemm
 from .winograd import Winograd
 
 ALGORITHMS = {a.name: a for a in (Depthwise(), Winograd(), TiledGemm(), ImplicitGemm(), Direct(),
-                                  InputGradDepthwise(), InputGradForward(), InputGradGemm(),
-                                  WeightGradChannels(), WeightGradGemm())}
+                                  InputGradDepthwise(), InputGradForward(), InputGradSpread(),
+                                  InputGradGemm(), WeightGradChannels(), WeightGradGemm())}
 
 
 def for_operation(operation):

@@ -141,10 +141,11 @@ def build_step(queue, template, kernel_name, constants, args, items, local=None,
     return Step(kernel, items, local)
 
 
-def with_scratch(first, then, scratch_elements, dtype, role):
+def with_scratch(first, then, scratch_elements, dtype, role, itemsize=None):
     """run(): first writes into a scratch buffer (for role) of scratch_elements(batch) acc_t
-    values, then `then` (a Step on (scratch, output...)) turns it into the output."""
-    itemsize = acc_itemsize(dtype)
+    values (or values of itemsize bytes), then `then` (a Step on (scratch, output...)) turns
+    it into the output."""
+    itemsize = itemsize or acc_itemsize(dtype)
 
     def run(queue, inputs, output, batch, wait_for):
         between = scratch_buffer(queue, role, scratch_elements(batch), itemsize)

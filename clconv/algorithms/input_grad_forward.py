@@ -1,4 +1,5 @@
-"""The input gradient of a stride-1 convolution as a forward convolution.
+"""The input gradient of a stride-1 convolution as a forward convolution, and of a strided
+1x1 convolution as that of a stride-1 one, spread out.
 
 With stride 1, dx is dy correlated with the weight turned around (each filter's rows and
 columns reversed, each group's input and output channels swapped), on dy padded by the
@@ -8,13 +9,18 @@ and staging included, after turn_weight lays the weight out (a pass over the wei
 each call: in training it changes every step). The tuner tunes it with the forward's
 parameters, on that problem; where the forward's kernel outruns input_grad_gemm's (its 1x1
 layers at 7x7 and 14x14 positions), it wins.
+
+A 1x1 kernel with a stride reads only the input positions (i * SH - PT, j * SW - PL); the
+others get no gradient. At the positions it reads, dx is the input gradient of the stride-1,
+unpadded 1x1 problem on them (compact), which the forward form computes into scratch; the
+spread pass then writes it out with zeros between (input_grad_spread).
 """
 from __future__ import annotations
 
 import dataclasses
 
-from ..capabilities import device_info
-from .base import Algorithm, fitting_work_group
+from ..arrays import WORD_TYPES
+from .base import Algorithm, Buffer, build_step, index_type, with_scratch
 from .implicit_gemm import ImplicitGemm
 from .input_grad_gemm import weight_pass_launcher
 
@@ -25,10 +31,7 @@ IMPLICIT_GEMM = ImplicitGemm()
 # (103-411 MFLOP) 1.0-1.44x; mobilenet_v2's at batch 1 (13-40 MFLOP), where the pass and a
 # second kernel weigh more, 0.68-1.17x. 3x3 layers (0.90-1.05x) stay with input_grad_gemm.
 PREFERRED_MIN_FLOPS = 64e6
-# The turn's work-groups: tiles of the weight whose reads and strided writes stay in the
-# caches while a work-group runs (the driver's own sizing made the pass over resnet50's
-# 2048 x 512 weight take 3-5 ms, against 0.4-0.9 ms of convolution).
-TURN_TILE = (16, 16)
+SPREAD_ARGS = (Buffer("compact", "word_t", offset=False), Buffer("dx", "word_t", const=False))
 
 
 def within_reach(problem):
@@ -51,10 +54,25 @@ def as_forward(problem):
         pad=(reach_h - pt, reach_h - pb, reach_w - pl, reach_w - pr), has_bias=False)
 
 
+def spreads(problem):
+    """Whether problem's input gradient is the compact problem's spread out: a 1x1 kernel
+    with a stride, under zero padding."""
+    return (problem.kernel_size == (1, 1) and problem.stride != (1, 1)
+            and problem.padding_mode == "zeros")
+
+
+def compact(problem):
+    """The stride-1, unpadded 1x1 problem on the input positions that problem's 1x1 kernel
+    reads (spreads): its input gradient is problem's there."""
+    return dataclasses.replace(problem, height=problem.out_height, width=problem.out_width,
+                               stride=(1, 1), pad=(0, 0, 0, 0))
+
+
 class ForwardForm(Algorithm):
-    """An input gradient computed as a forward problem (as_forward) by the forward algorithm
-    `forward`, tuned with its parameters, after weight_pass lays the weight out. Subclasses
-    give applies() (within_reach and more) and `requirement`, the reason when it fails."""
+    """An input gradient computed as a forward problem (forward_problem) by the forward
+    algorithm `forward`, tuned with its parameters, after weight_pass lays the weight out.
+    Subclasses give applies() (within_reach and more) and `requirement`, the reason when it
+    fails."""
     operation = "input_grad"
     padding_modes = ("zeros",)
     forward: Algorithm
@@ -63,19 +81,24 @@ class ForwardForm(Algorithm):
     def suits(self, info):
         return self.forward.suits(info)
 
+    def forward_problem(self, problem):
+        """The forward problem whose output is problem's input gradient."""
+        return as_forward(problem)
+
     def constraints(self, problem, info, config):
         if not self.applies(problem):
             return f"needs {self.requirement}"
-        return self.forward.constraints(as_forward(problem), info, config)
+        return self.forward.constraints(self.forward_problem(problem), info, config)
 
     def default_config(self, problem, info):
-        return self.forward.default_config(as_forward(problem), info)
+        return self.forward.default_config(self.forward_problem(problem), info)
 
     def all_constants(self, problem, config, epilogue=None):
-        return self.forward.all_constants(as_forward(problem), config)
+        return self.forward.all_constants(self.forward_problem(problem), config)
 
     def launcher(self, problem, queue, config, strict, constants):
-        main = self.forward.launcher(as_forward(problem), queue, config, strict, constants)
+        main = self.forward.launcher(self.forward_problem(problem), queue, config, strict,
+                                     constants)
         return self.weight_pass(problem, queue, main, strict)
 
     def weight_pass(self, problem, queue, main, strict):
@@ -87,7 +110,7 @@ class InputGradForward(ForwardForm):
     name = "input_grad_forward"
     forward = IMPLICIT_GEMM
     template = IMPLICIT_GEMM.template
-    templates = IMPLICIT_GEMM.templates + ("turn_weight.cl.mako",)
+    templates = IMPLICIT_GEMM.templates + ("swap_channels.cl.mako",)
     params = IMPLICIT_GEMM.params
     requirement = "stride 1 and zero padding within the kernel's reach"
 
@@ -101,5 +124,32 @@ class InputGradForward(ForwardForm):
 
     def weight_pass(self, problem, queue, main, strict):
         return weight_pass_launcher(problem, queue, main, "turn_weight", "turned weight",
-                                    fitting_work_group(TURN_TILE, device_info(queue.device)),
-                                    strict)
+                                    reverse_taps=True, strict=strict)
+
+
+class InputGradSpread(InputGradForward):
+    """input_grad_forward on the compact problem, into scratch, then the spread pass."""
+    name = "input_grad_spread"
+    templates = InputGradForward.templates + ("spread.cl.mako",)
+    requirement = "a 1x1 kernel with a stride, and zero padding"
+
+    def applies(self, problem):
+        return spreads(problem)
+
+    def forward_problem(self, problem):
+        return as_forward(compact(problem))
+
+    def launcher(self, problem, queue, config, strict, constants):
+        inner = compact(problem)
+        spread = build_step(
+            queue, "spread.cl.mako", "spread",
+            dict(stride=problem.stride, pad_top=problem.pad[0], pad_left=problem.pad[2],
+                 height=problem.height, width=problem.width, rows=inner.height,
+                 cols=inner.width, idx_t=index_type(problem),
+                 word_t=WORD_TYPES[problem.numpy_dtype.itemsize]),
+            SPREAD_ARGS, lambda batch: (problem.width, problem.height,
+                                        batch * problem.in_channels))
+        return with_scratch(super().launcher(problem, queue, config, strict, constants),
+                            spread, lambda batch: batch * problem.in_channels * inner.height
+                            * inner.width, problem.dtype, "compact dx",
+                            itemsize=problem.numpy_dtype.itemsize)

@@ -39,6 +39,8 @@ SMALL_SUM = 16
 # 9.8 -> 8.4; 512@7 b1 (2 reads) 1.96 -> 2.06, 1x1 1024->256 @14 b1 (7) 0.76 -> 1.05.
 TRANSPOSE_MIN_BYTES = 256 << 10
 TRANSPOSE_MIN_READS = 16
+# The weight passes' blocks of channels a side (swap_channels.cl.mako).
+SWAP_BLOCK = 8
 WEIGHT_PASS_ARGS = (Buffer("w", "word_t", offset_t="long"),
                     Buffer("wt", "word_t", const=False, offset=False))
 
@@ -157,7 +159,7 @@ class InputGradGemm(Algorithm):
     name = "input_grad_gemm"
     template = "input_grad_gemm.cl.mako"
     templates = ("input_grad_gemm.cl.mako", "stage.cl.mako", "fold_padding.cl.mako",
-                 "transpose_weight.cl.mako")
+                 "swap_channels.cl.mako")
     kernel_name = "input_grad_gemm"
     params = register_tile_params("tc", "input channels") + (
         UNROLL_KW, Param("wt", (0, 1), "the weight's channels swapped first (a pass over it)"))
@@ -240,24 +242,26 @@ def weight_bytes(problem):
 def transposing_launcher(problem, queue, main):
     """run(): swap each group's channels of the weight (transpose_weight.cl.mako) into scratch,
     then main on it."""
-    return weight_pass_launcher(problem, queue, main, "transpose_weight", "transposed weight")
+    return weight_pass_launcher(problem, queue, main, "transpose_weight", "transposed weight",
+                                reverse_taps=False)
 
 
-def weight_pass_launcher(problem, queue, main, kernel_name, role, local=None, strict=True):
-    """run(): a pass of kernel_name (its template's name too) over the weight, one work-item
-    per element (input channel x tap, groups x output channels), into scratch for role; then
-    main on that. transpose_weight and turn_weight (input_grad_forward) lay it out so."""
-    kh, kw = problem.kernel_size
+def weight_pass_launcher(problem, queue, main, kernel_name, role, reverse_taps, strict=True):
+    """run(): swap_channels.cl.mako's pass over the weight (kernel_name: transpose_weight, or
+    turn_weight with reverse_taps), a work-item per block of SWAP_BLOCK x SWAP_BLOCK channels,
+    into scratch for role; then main on that."""
     cin_g, cout_g = problem.cin_per_group, problem.cout_per_group
     elements = weight_elements(problem)
     itemsize = problem.numpy_dtype.itemsize
     step = build_step(
-        queue, f"{kernel_name}.cl.mako", kernel_name,
-        dict(kernel_size=problem.kernel_size, cin_g=cin_g, cout_g=cout_g,
+        queue, "swap_channels.cl.mako", kernel_name,
+        dict(function=kernel_name, reverse_taps=reverse_taps, block=SWAP_BLOCK,
+             kernel_size=problem.kernel_size, cin_g=cin_g, cout_g=cout_g,
              groups=problem.groups, word_t=WORD_TYPES[itemsize],
              idx_t="long" if elements > INT32_LIMIT else "int"),
-        WEIGHT_PASS_ARGS, lambda batch: (cin_g * kh * kw, problem.groups * cout_g), local,
-        strict)
+        WEIGHT_PASS_ARGS, lambda batch: (-(-cin_g // SWAP_BLOCK),
+                                         problem.groups * -(-cout_g // SWAP_BLOCK)),
+        strict=strict)
     return with_prepared_operand(step, main, 1, role, lambda batch: elements, itemsize)
 
 

@@ -163,6 +163,7 @@ MATRIX = [
     # kernel size / stride
     ("k1_pointwise", C(2, 3, 5, 6, 4, 1)),
     ("k1_s2_odd_rows_unread", C(2, 3, 6, 7, 5, 1, 2, 0, 1, 1, False)),
+    ("k1_s2x3_p1_g2", C(2, 4, 8, 10, 6, 1, (2, 3), 1, 1, 2, False)),
     ("k3_s2_p1", C(2, 3, 9, 8, 4, 3, 2, 1, 1, 1, False)),
     ("k3_s3_last_unread", C(2, 3, 10, 11, 4, 3, 3, 0)),
     ("k2_s3_gaps", C(1, 2, 8, 9, 3, 2, 3, 0)),
@@ -215,9 +216,9 @@ assert len(CASES) == len(MATRIX), "duplicate case ids"
 F64 = ["k3_s3_last_unread", "k5_s2_overlap", "s2x3_pair_p1x0", "same_k4x3_d3x1_asym",
        "depthwise_mult3_same_d2", "depthwise_same_k2x3_d2_asym", "reflect_pad_size_minus1_s2",
        "replicate_pad_exceeds_input", "circular_same_k2x5_d1x2_g3",
-       "unbatched_reflect_g2_s2x1", "batch0_reflect_s2"]
+       "unbatched_reflect_g2_s2x1", "batch0_reflect_s2", "k1_s2x3_p1_g2"]
 F16 = ["k3_s2_p1", "same_k2_even_asym", "depthwise_same_k2x3_d2_asym", "reflect_same_k4_g2",
-       "replicate_pad_exceeds_input", "circular_s3_last_unread", "unbatched"]
+       "replicate_pad_exceeds_input", "circular_s3_last_unread", "unbatched", "k1_s2x3_p1_g2"]
 F32_ONLY_ELSEWHERE = {"k5_s2_overlap", "s2x3_pair_p1x0", "same_k4x3_d3x1_asym",
                       "depthwise_mult3_same_d2", "circular_same_k2x5_d1x2_g3",
                       "unbatched_reflect_g2_s2x1", "batch0_reflect_s2", "k3_s2_p1"}

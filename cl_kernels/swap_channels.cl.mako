@@ -13,8 +13,6 @@
     B = block
     CB, KB = -(-cin_g // B), -(-cout_g // B)
 %>\
-
-
 __kernel void ${function}(
     ${parameters})
 {

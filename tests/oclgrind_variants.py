@@ -357,8 +357,9 @@ def input_grad_variants():
         return register_tile("input_grad_forward", tk, tv, tw, **extra)
     yield ("igfwd-1x1-packed", op, (2, 5, 3, 5), (3, 5, 1, 1), False, {}, "float32",
            fwd(2, 1, 4, pack=1))
-    yield ("igfwd-1x1-blocks", op, (1, 17, 4, 5), (10, 17, 1, 1), False, {}, "float32",
-           fwd(2, 1, 4))
+    for dtype in DTYPES:        # whole and ragged 8 x 8 blocks of a 1x1 weight's turn
+        yield (f"igfwd-1x1-blocks-{dtype}", op, (1, 17, 4, 5), (10, 17, 1, 1), False, {},
+               dtype, fwd(1, 1, 4))
     yield ("igfwd-1x1-g2-ragged", op, (2, 6, 4, 9), (6, 3, 1, 1), False, dict(groups=2),
            "float32", fwd(2, 2, 8))
     yield ("igfwd-same-even-d2-g2", op, (1, 4, 9, 10), (4, 2, 2, 3), False,

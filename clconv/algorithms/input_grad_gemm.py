@@ -240,8 +240,8 @@ def weight_bytes(problem):
 
 
 def transposing_launcher(problem, queue, main):
-    """run(): swap each group's channels of the weight (transpose_weight.cl.mako) into scratch,
-    then main on it."""
+    """run(): swap each group's channels of the weight (swap_channels.cl.mako's
+    transpose_weight) into scratch, then main on it."""
     return weight_pass_launcher(problem, queue, main, "transpose_weight", "transposed weight",
                                 reverse_taps=False)
 

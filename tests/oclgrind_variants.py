@@ -302,7 +302,7 @@ def input_grad_variants():
     """The input gradient's GEMMs: phases without taps (zeros), dy read in place by a 1x1
     kernel whose last tiles read lane by lane, strided stores (whole vectors within a row
     and across its end), every vector count and width, unrolled columns, dtypes, long
-    indices; the stride-1 depthwise form (the forward's kernel on flipped weights), the
+    indices; the stride-1 depthwise form (the forward's kernel on turned weights), the
     stride-1 forward form (input_grad_forward) and the strided 1x1 form (input_grad_spread)."""
     def gemm(tc, tv, tw, **extra):
         return dict(algorithm="input_grad_gemm", tc=tc, tv=tv, tw=tw) | extra

@@ -70,7 +70,7 @@ def compact(problem):
 
 class ForwardForm(Algorithm):
     """An input gradient computed as a forward problem (forward_problem) by the forward
-    algorithm `forward`, tuned with its parameters, after weight_pass lays the weight out.
+    algorithm `forward`, tuned with its parameters, after turn_weight turns the weight.
     Subclasses give applies() (within_reach and more) and `requirement`, the reason when it
     fails."""
     operation = "input_grad"
@@ -99,11 +99,7 @@ class ForwardForm(Algorithm):
     def launcher(self, problem, queue, config, strict, constants):
         main = self.forward.launcher(self.forward_problem(problem), queue, config, strict,
                                      constants)
-        return self.weight_pass(problem, queue, main, strict)
-
-    def weight_pass(self, problem, queue, main, strict):
-        """run(): the pass that lays the weight out for `forward`, then main."""
-        raise NotImplementedError
+        return weight_pass_launcher(problem, queue, main, turn=True, strict=strict)
 
 
 class InputGradForward(ForwardForm):
@@ -121,10 +117,6 @@ class InputGradForward(ForwardForm):
         return (problem.kernel_size == (1, 1) and problem.cin_per_group > 1
                 and problem.cout_per_group > 1 and self.applies(problem)
                 and problem.flops >= PREFERRED_MIN_FLOPS)
-
-    def weight_pass(self, problem, queue, main, strict):
-        return weight_pass_launcher(problem, queue, main, "turn_weight", "turned weight",
-                                    reverse_taps=True, strict=strict)
 
 
 class InputGradSpread(InputGradForward):

@@ -242,20 +242,21 @@ def weight_bytes(problem):
 def transposing_launcher(problem, queue, main):
     """run(): swap each group's channels of the weight (swap_channels.cl.mako's
     transpose_weight) into scratch, then main on it."""
-    return weight_pass_launcher(problem, queue, main, "transpose_weight", "transposed weight",
-                                reverse_taps=False)
+    return weight_pass_launcher(problem, queue, main, turn=False)
 
 
-def weight_pass_launcher(problem, queue, main, kernel_name, role, reverse_taps, strict=True):
-    """run(): swap_channels.cl.mako's pass over the weight (kernel_name: transpose_weight, or
-    turn_weight with reverse_taps), a work-item per block of SWAP_BLOCK x SWAP_BLOCK channels,
-    into scratch for role; then main on that."""
+def weight_pass_launcher(problem, queue, main, turn, strict=True):
+    """run(): swap_channels.cl.mako's pass over the weight, a work-item per block of
+    SWAP_BLOCK x SWAP_BLOCK channels, into scratch; then main on that. turn: turn_weight (the
+    taps reversed too, for a forward form), else transpose_weight."""
+    kernel_name, role = (("turn_weight", "turned weight") if turn
+                         else ("transpose_weight", "transposed weight"))
     cin_g, cout_g = problem.cin_per_group, problem.cout_per_group
     elements = weight_elements(problem)
     itemsize = problem.numpy_dtype.itemsize
     step = build_step(
         queue, "swap_channels.cl.mako", kernel_name,
-        dict(function=kernel_name, reverse_taps=reverse_taps, block=SWAP_BLOCK,
+        dict(function=kernel_name, reverse_taps=turn, block=SWAP_BLOCK,
              kernel_size=problem.kernel_size, cin_g=cin_g, cout_g=cout_g,
              groups=problem.groups, word_t=WORD_TYPES[itemsize],
              idx_t="long" if elements > INT32_LIMIT else "int"),

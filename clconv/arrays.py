@@ -12,6 +12,7 @@ non-contiguous NumPy array is made contiguous on the host first (one copy).
 """
 from __future__ import annotations
 
+import math
 import threading
 
 import numpy as np
@@ -79,6 +80,32 @@ def output_buffer(queue, a):
     if shares_host_memory(queue):
         return host_buffer(queue, a, cl.mem_flags.READ_WRITE)
     return cl.Buffer(queue.context, cl.mem_flags.READ_WRITE, a.nbytes)
+
+
+def updated_buffer(queue, a):
+    """A buffer that kernels read the C-contiguous NumPy array a's values from and write new
+    ones into, for to_host: over a's own memory where the device shares the host's, else a
+    copy of a on the device."""
+    flags = cl.mem_flags.READ_WRITE
+    if shares_host_memory(queue):
+        return host_buffer(queue, a, flags)
+    return cl.Buffer(queue.context, flags | cl.mem_flags.COPY_HOST_PTR, hostbuf=a)
+
+
+NUMPY_ALIGNMENT = 16     # what every NumPy allocation has (malloc's)
+
+
+def aligned_empty(queue, shape, dtype):
+    """np.empty(shape, dtype), aligned as a result written in place needs to be for to_host
+    to skip the map (writes_in_place) where NumPy's own alignment is not enough."""
+    align = writes_in_place(queue) if shares_host_memory(queue) else 0
+    if align <= NUMPY_ALIGNMENT:
+        return np.empty(shape, dtype)
+    dtype = np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    raw = np.empty(nbytes + align, np.uint8)
+    start = -raw.ctypes.data % align
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
 
 
 def to_host(queue, outputs):

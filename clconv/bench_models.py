@@ -7,8 +7,10 @@ epilogues, consecutive convolutions one ConvChain kept on the device) and a trai
 (train mode: forward, cross-entropy, backward, SGD). The two models start from the same
 weights; their calls alternate in rounds, so a noisy spell of a shared machine hits both,
 and the best and the median of each are shown. The logits' relative difference
-(max |clconv - torch| / max |torch|) checks that they computed the same thing. For the training step the converted step's time is split into clconv's calls (wall
-clock, host copies included) and the rest (torch's own operators).
+(max |clconv - torch| / max |torch|) checks that they computed the same thing. For the
+training step the converted step's time is split into clconv's calls (wall clock, host
+copies included; the convolutions and the training-mode BatchNorms convert pairs with
+them) and the rest (torch's own operators).
 
 Needs torch and torchvision (the `models` extra); the models are built untrained
 (weights=None), so nothing is downloaded.
@@ -78,7 +80,7 @@ class ModelRow:
 
 
 CALLS = ("conv2d", "conv2d_backward", "conv2d_input_grad", "conv2d_weight_grad",
-         "conv2d_bias_grad")
+         "conv2d_bias_grad", "conv2d_batch_norm", "conv2d_batch_norm_backward")
 
 
 def clconv_breakdown(run):
@@ -211,7 +213,8 @@ def main(queue, names, batches=BATCHES, size=SIZE, repeats=5, train=True, out=sy
           f"{info.driver_version}); torch {torch.__version__}, {torch.get_num_threads()} "
           f"threads; float32, {size} px, untrained weights; {repeats} alternating calls each, "
           "best and median; vs torch: best over best (> 1: clconv faster); convs ms: "
-          "clconv's calls in one converted training step, rest ms: the rest of it", file=out)
+          "clconv's calls (convolutions, with their BatchNorms) in one converted training "
+          "step, rest ms: the rest of it", file=out)
     print(thread_note(), file=out)
     print(HEADER, file=out, flush=True)
     rows = []

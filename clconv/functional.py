@@ -76,10 +76,10 @@ def run(problem, queue, operation, operands, out_shape, epilogue=()):
     return finish(queue, [prepare(problem, queue, operation, operands, out_shape, epilogue)()])[0]
 
 
-def prepare(problem, queue, operation, operands, out_shape, epilogue=()):
+def prepare(problem, queue, operation, operands, out_shape, epilogue=(), on_device=None):
     """An operation of a checked problem made ready to enqueue (see prepare_into)."""
     return prepare_into(lambda: planner.plan(problem, queue, operation, epilogue), queue,
-                        operands, out_shape, problem.numpy_dtype, problem.batch)
+                        operands, out_shape, problem.numpy_dtype, problem.batch, on_device)
 
 
 def enqueue(problem, queue, operation, inputs, output, epilogue=(), wait_for=None):
@@ -101,18 +101,19 @@ class Started:
         self.result, self.buffer, self.events, self.keep = result, buffer, events, keep
 
 
-def prepare_into(make_launch, queue, operands, out_shape, dtype, batch):
+def prepare_into(make_launch, queue, operands, out_shape, dtype, batch, on_device=None):
     """make_launch()'s launch on operands into a new output, made ready: the operands, the
     result and the launch are made here, and calling what this returns enqueues the kernels
     and returns the Started launch (or the result) for finish. A caller with several
     launches prepares them all first (enqueue_all): a failure in planning, building or
     allocating then comes before any kernel is enqueued, and only enqueueing is left for
     later. operands: its inputs in order, NumPy or pyopencl arrays (None: absent, e.g. no
-    bias). The result (finish) is a pyopencl array when the first operand is one, else NumPy
-    (written in place where the device shares the host's memory); an empty one needs no
-    launch. A NumPy operand is used in place only by a result that finish waits for, else
-    uploaded here."""
-    on_device = arrays.is_device_array(operands[0])
+    bias). The result (finish) is a pyopencl array when on_device (by default: when the
+    first operand is one), else NumPy (written in place where the device shares the host's
+    memory); an empty one needs no launch. A NumPy operand is used in place only by a result
+    that finish waits for, else uploaded here; a pyopencl operand's events are waited for."""
+    if on_device is None:
+        on_device = arrays.is_device_array(operands[0])
     if 0 in out_shape:
         empty = arrays.empty(queue, out_shape, dtype) if on_device else np.empty(out_shape, dtype)
         return lambda: empty
@@ -120,18 +121,20 @@ def prepare_into(make_launch, queue, operands, out_shape, dtype, batch):
     in_place = not on_device and arrays.shares_host_memory(queue)
     inputs = [arrays.operand(queue, a, in_place, f"upload{i}")
               for i, a in enumerate(operands) if a is not None]
-    waits = [e for _, _, a in inputs if arrays.is_device_array(a) for e in a.events] or None
     pairs = [pair[:2] for pair in inputs]
     launch = make_launch()
+
+    def waits():    # when enqueued: a device operand may be written after this preparation
+        return [e for _, _, a in inputs if arrays.is_device_array(a) for e in a.events] or None
     if in_place:
         y = np.empty(out_shape, dtype)
         y_buffer = arrays.output_buffer(queue, y)
         return lambda: Started(y, y_buffer, launch(queue, pairs, (y_buffer, 0), batch,
-                                                   wait_for=waits), inputs)
+                                                   wait_for=waits()), inputs)
     y = arrays.empty(queue, out_shape, dtype)
 
     def enqueue_into_device_array():
-        y.add_event(launch(queue, pairs, (y.base_data, 0), batch, wait_for=waits)[-1])
+        y.add_event(launch(queue, pairs, (y.base_data, 0), batch, wait_for=waits())[-1])
         return y if on_device else Started(y)
     return enqueue_into_device_array
 

@@ -80,13 +80,17 @@ def conv2d_backward(input, weight, grad_output, stride=1, padding=0, dilation=1,
     return tuple(finish(queue, started))
 
 
-def _output_mask(value):
+def _output_mask(value, gradients=("input", "weight", "bias")):
+    """output_mask as a tuple: one bool per gradient (named in the error)."""
     try:
         mask = tuple(value)
     except TypeError:
         mask = None
-    if mask is None or len(mask) != 3 or not all(isinstance(m, (bool, np.bool_)) for m in mask):
-        raise TypeError(f"output_mask must be three bools (input, weight, bias), got {value!r}")
+    if (mask is None or len(mask) != len(gradients)
+            or not all(isinstance(m, (bool, np.bool_)) for m in mask)):
+        count = {3: "three", 5: "five"}.get(len(gradients), len(gradients))
+        raise TypeError(f"output_mask must be {count} bools ({', '.join(gradients)}), "
+                        f"got {value!r}")
     return mask
 
 
@@ -101,13 +105,13 @@ def conv2d_bias_grad(grad_output, *, queue=None):
     return finish(queue, [_prepare_bias_grad(dy, queue)()])[0]
 
 
-def _prepare_bias_grad(dy, queue):
+def _prepare_bias_grad(dy, queue, on_device=None):
     """The bias gradient of a 3-D or 4-D grad_output dy, made ready (see prepare_into)."""
     dtype = dtype_name(dy.dtype, "grad_output")
     n, c, h, w = (1,) + tuple(dy.shape) if dy.ndim == 3 else tuple(dy.shape)
     check_fp64(dtype, device_info(queue.device))
     return prepare_into(lambda: _bias_launch(queue, n, c, h * w, dtype), queue, [dy], (c,),
-                        dy.dtype, n)
+                        dy.dtype, n, on_device)
 
 
 _bias_launches = ContextMemo()

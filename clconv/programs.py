@@ -179,12 +179,13 @@ class Buffer:
 
 @dataclass(frozen=True)
 class Scalar:
-    """A scalar argument of C type int, long, float or idx_t."""
+    """A scalar argument of C type int, long, float, double or idx_t."""
     name: str
     type: str = "int"
 
 
-SCALAR_DTYPES = {"int": np.int32, "long": np.int64, "float": np.float32}
+SCALAR_DTYPES = {"int": np.int32, "long": np.int64, "float": np.float32,
+                 "double": np.float64}
 
 
 def c_parameters(args, types):

@@ -24,12 +24,16 @@
   padding_mode)`: the forward operator, under the name of the former autograd.Function.
 - `Conv2d`: a torch.nn.Conv2d subclass (same constructor plus `activation=`, same
   parameters and state_dict keys, so checkpoints load unchanged).
+- `BatchNorm2d`: a torch.nn.BatchNorm2d subclass with `activation=`; in training, the
+  Conv2d it follows (paired by convert) computes both, batch statistics and gradients
+  included, on clconv's device (clconv.conv2d_batch_norm).
 - `convert(model)`: swaps the nn.Conv2d modules of a model for `Conv2d` in place, keeping
   the Parameter objects, and fuses the activation that follows a convolution in an
-  nn.Sequential; in eval mode it also returns a torch.fx graph of the model for inference,
-  BatchNorm folded into the convolutions, residual additions and activations fused into
-  their epilogues, and each run of consecutive convolutions one ConvChain, which keeps the
-  intermediate results on the device and waits once.
+  nn.Sequential (in train mode, the BatchNorm2d and activation after it); in eval mode it
+  also returns a torch.fx graph of the model for inference, BatchNorm folded into the
+  convolutions, residual additions and activations fused into their epilogues, and each
+  run of consecutive convolutions one ConvChain, which keeps the intermediate results on
+  the device and waits once.
 
 Eager calls that nothing observes (no tracing, compiling, profiler, torch function or
 dispatch mode, functorch transform; plain tensors) skip torch's dispatcher: an unrecorded
@@ -74,7 +78,8 @@ from clconv import arrays, functional, scratch
 from clconv.limits import check_device_limits
 from clconv.problem import as_int, as_pair, make_problem
 
-__all__ = ["Conv2dFunction", "conv2d", "Conv2d", "ConvChain", "convert", "ACTIVATIONS"]
+__all__ = ["Conv2dFunction", "conv2d", "Conv2d", "BatchNorm2d", "ConvChain", "convert",
+           "ACTIVATIONS"]
 
 ACTIVATIONS = {"relu": F.relu, "relu6": F.relu6, "silu": F.silu, "gelu": F.gelu}
 _DTYPES = (torch.float16, torch.float32, torch.float64)
@@ -404,6 +409,9 @@ class Conv2d(nn.Conv2d):
     def __init__(self, *args, activation=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.activation = _check_activation(activation)
+        # convert's training fusion: (the BatchNorm2d that always follows,), in a tuple so
+        # that it is no submodule of this one (state_dict keys stay torch's).
+        self._batch_norm = ()
 
     def _conv_forward(self, input, weight, bias, activation=None, residual=None):
         # padding_mode goes to clconv as is: it pads where the kernel reads, no padded copy.
@@ -411,11 +419,21 @@ class Conv2d(nn.Conv2d):
                       self.groups, self.padding_mode, activation=activation, residual=residual)
 
     def forward(self, input, residual=None):
+        if self._batch_norm and residual is None and _fuses_batch_norm(self, input):
+            return _conv_batch_norm(self, self._batch_norm[0], input)
         return self._conv_forward(input, self.weight, self.bias, self.activation, residual)
+
+    def __setstate__(self, state):
+        state.setdefault("_batch_norm", ())     # pickled before the field existed
+        super().__setstate__(state)
 
     def extra_repr(self):
         s = super().extra_repr()
         return s if self.activation is None else f"{s}, activation={self.activation!r}"
+
+    def _geometry(self):
+        return _geometry(self.stride, self.padding, self.dilation, self.groups,
+                         self.padding_mode)
 
     @classmethod
     def from_torch(cls, module, activation=None):
@@ -433,6 +451,106 @@ class Conv2d(nn.Conv2d):
                    groups=module.groups, bias=bias, padding_mode=module.padding_mode,
                    device=module.weight.device, dtype=module.weight.dtype,
                    activation=activation)
+
+
+class BatchNorm2d(nn.BatchNorm2d):
+    """torch.nn.BatchNorm2d followed by an activation (None, "relu", "relu6", "silu" or
+    "gelu"): same constructor (plus `activation=`), parameters, buffers and state_dict.
+
+    convert(model) in training mode puts one in the place of each torch BatchNorm2d that
+    alone takes a convolution's output. In training the convolution before it (a Conv2d whose
+    BatchNorm this is) computes both on clconv's device, in one call each way
+    (clconv.conv2d_batch_norm and its backward), and this module passes that output on;
+    in eval mode, or on any input that convolution did not normalise, it is torch's
+    BatchNorm2d and then the activation.
+    """
+
+    def __init__(self, *args, activation=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.activation = _check_activation(activation)
+
+    def forward(self, input):
+        if getattr(input, "_clconv_normalized_by", None) is self:
+            return input
+        out = super().forward(input)
+        return out if self.activation is None else ACTIVATIONS[self.activation](out)
+
+    def extra_repr(self):
+        s = super().extra_repr()
+        return s if self.activation is None else f"{s}, activation={self.activation!r}"
+
+    @classmethod
+    def sharing(cls, module, activation=None):
+        """A BatchNorm2d with the configuration, training flag, Parameter objects and
+        buffers (the same tensors) of a torch.nn.BatchNorm2d."""
+        new = cls(module.num_features, module.eps, module.momentum, module.affine,
+                  module.track_running_stats, activation=activation, device="meta")
+        for name, tensor in itertools.chain(module.named_parameters(recurse=False),
+                                            module.named_buffers(recurse=False)):
+            setattr(new, name, tensor)
+        return new.train(module.training)
+
+
+def _fuses_batch_norm(conv, input):
+    """Whether conv's forward on input also computes its BatchNorm (conv._batch_norm) on
+    the device: in training, plain contiguous 4-D float32/float64 CPU tensors throughout,
+    nothing observing (_unobserved) and no hooks on either module (a hook would see the
+    normalised output as the convolution's), at least two values per channel. Else the
+    convolution runs alone and the BatchNorm module after it computes as torch does."""
+    bn = conv._batch_norm[0]
+    if not (bn.training and conv.activation is None and isinstance(input, torch.Tensor)):
+        return False
+    tensors = (input, conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean,
+               bn.running_var)
+    if not (input.dim() == 4 and input.dtype in (torch.float32, torch.float64)
+            and all(t is None or (t.device.type == "cpu" and t.dtype == input.dtype
+                                  and t.is_contiguous()) for t in tensors)
+            and (bn.running_mean is not None or not bn.track_running_stats)
+            and _unobserved(tensors) and not _hooked((conv, bn))):
+        return False
+    n, _, h, w = _output_shape(input, conv.weight, conv.bias, *conv._geometry())
+    return n * h * w > 1
+
+
+def _conv_batch_norm(conv, bn, input):
+    """bn(conv(input)) in training, with torch's bookkeeping of the running statistics."""
+    momentum = 0.0 if bn.momentum is None else bn.momentum
+    if bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:      # a cumulative moving average
+            momentum = 1.0 / float(bn.num_batches_tracked)
+    out = _ConvBatchNorm.apply(input, conv.weight, conv.bias, bn.weight, bn.bias,
+                               bn.running_mean, bn.running_var, momentum, bn.eps,
+                               bn.activation, conv._geometry())
+    out._clconv_normalized_by = bn
+    return out
+
+
+class _ConvBatchNorm(torch.autograd.Function):
+    """clconv.conv2d_batch_norm and its backward as one autograd node."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                momentum, eps, activation, geometry):
+        z, y, mean, invstd = clconv.conv2d_batch_norm(
+            *(None if t is None else t.detach().numpy()
+              for t in (input, weight, bias, bn_weight, bn_bias, running_mean, running_var)),
+            *_core(*geometry), momentum=momentum, eps=eps, activation=activation)
+        ctx.geometry, ctx.activation = geometry, activation
+        ctx.save_for_backward(input, weight, torch.from_numpy(y), torch.from_numpy(mean),
+                              torch.from_numpy(invstd), bn_weight, bn_bias)
+        return torch.from_numpy(z)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):
+        input, weight, y, mean, invstd, bn_weight, bn_bias = ctx.saved_tensors
+        grads = clconv.conv2d_batch_norm_backward(
+            *(None if t is None else t.detach().numpy()
+              for t in (input, weight, y, mean, invstd, bn_weight, bn_bias)),
+            _numpy(grad_output, "grad_output"), *_core(*ctx.geometry),
+            activation=ctx.activation, output_mask=tuple(ctx.needs_input_grad[:5]))
+        return (*(None if g is None else torch.from_numpy(g) for g in grads),) + (None,) * 6
 
 
 class ConvChain(nn.Module):
@@ -656,7 +774,13 @@ def convert(model, fuse=True, fold_batchnorm=True):
 
     fuse: in an nn.Sequential (whose forward feeds each module's output only to the next), a
     convolution followed by nn.ReLU, nn.ReLU6, nn.SiLU or nn.GELU() (erf form) takes the
-    activation into its kernel and the activation module becomes nn.Identity.
+    activation into its kernel and the activation module becomes nn.Identity. In train
+    mode, a convolution followed by an nn.BatchNorm2d of its channels (and maybe such an
+    activation, which becomes nn.Identity) is paired with it instead, and so, in a model
+    torch.fx traces, is each convolution whose output only a BatchNorm2d takes (each module
+    called once; the activation module after it when that is the only use): the BatchNorm
+    becomes a BatchNorm2d of this module sharing its parameters and buffers, and in training
+    the convolution computes both in one call each way (see BatchNorm2d).
 
     In eval mode (model.training False) with fuse, convert also traces the converted model
     with torch.fx and returns a new torch.fx.GraphModule for inference, in which
@@ -679,36 +803,103 @@ def convert(model, fuse=True, fold_batchnorm=True):
     """
     if _convertible(model):
         return _swap(model)
-    _convert_in_place(model, fuse)
+    _convert_in_place(model, fuse, model.training)
     if fuse and not model.training:
         return _fused_graph(model, fold_batchnorm)
+    if fuse:
+        _pair_traced_batch_norms(model)
     return model
 
 
-def _convert_in_place(model, fuse):
+def _convert_in_place(model, fuse, training):
     children = list(model.named_children())
     sequential = (fuse and isinstance(model, nn.Sequential)
                   and type(model).forward is nn.Sequential.forward)
     for i, (name, child) in enumerate(children):
         if not _convertible(child):
-            _convert_in_place(child, fuse)
+            _convert_in_place(child, fuse, training)
             continue
-        activation = None
-        if sequential and i + 1 < len(children):
-            next_name, next_child = children[i + 1]
-            activation = _fusable(next_child)
-            if activation is not None:
-                setattr(model, next_name, nn.Identity())
+        following = children[i + 1:i + 3] if sequential else []
+        if training and following and _normalizes(child, following[0][1]):
+            _fuse_batch_norm(model, name, child, following)
+            continue
+        activation = _fusable(following[0][1]) if following else None
+        if activation is not None:
+            setattr(model, following[0][0], nn.Identity())
         setattr(model, name, _swap(child, activation))
+
+
+def _normalizes(conv, module):
+    """Whether module is a torch.nn.BatchNorm2d of conv's output channels."""
+    return type(module) is nn.BatchNorm2d and module.num_features == conv.out_channels
+
+
+def _fuse_batch_norm(model, name, conv, following):
+    """In model (a Sequential), the convolution conv (child name), the BatchNorm2d after
+    it and a fusable activation after that, if any: one clconv Conv2d and BatchNorm2d
+    computed together in training (BatchNorm2d's docstring); the activation becomes
+    nn.Identity. Parameters and buffers stay the same objects."""
+    (bn_name, bn), *rest = following
+    activation = _fusable(rest[0][1]) if rest else None
+    if activation is not None:
+        setattr(model, rest[0][0], nn.Identity())
+    new_bn = BatchNorm2d.sharing(bn, activation)
+    new = _swap(conv)
+    new._batch_norm = (new_bn,)
+    setattr(model, bn_name, new_bn)
+    setattr(model, name, new)
+
+
+def _pair_traced_batch_norms(model):
+    """Pair, as _fuse_batch_norm does in an nn.Sequential, each convolution whose output only
+    an nn.BatchNorm2d takes, wherever the graph torch.fx traces of model has them (a ResNet
+    block's conv1 and bn1), each module called once; the activation module after the
+    BatchNorm too when that is its output's only use and the module is called only there.
+    An untraceable model keeps the pairs of its Sequentials."""
+    try:
+        graph = _Tracer().trace(model)
+    except Exception:      # noqa: BLE001 - fx raises many kinds on untraceable code
+        return
+    calls = collections.Counter(n.target for n in graph.nodes if n.op == "call_module")
+
+    def called_once(node, types):
+        if node.op != "call_module" or calls[node.target] != 1 or len(node.args) != 1:
+            return None
+        module = model.get_submodule(node.target)
+        return module if type(module) in types and not node.kwargs else None
+    for node in graph.nodes:
+        bn = called_once(node, (nn.BatchNorm2d,))
+        source = node.args[0] if bn is not None else None
+        conv = (called_once(source, (Conv2d,)) if isinstance(source, torch.fx.Node)
+                and len(source.users) == 1 else None)
+        if conv is None or conv._batch_norm or conv.activation is not None \
+                or bn.num_features != conv.out_channels:
+            continue
+        user = next(iter(node.users)) if len(node.users) == 1 else None
+        act = user is not None and called_once(user, tuple(_FUSABLE))
+        activation = _fusable(act) if act else None
+        new_bn = BatchNorm2d.sharing(bn, activation)
+        if activation is not None:
+            _set_submodule(model, user.target, nn.Identity())
+        _set_submodule(model, node.target, new_bn)
+        conv._batch_norm = (new_bn,)
+
+
+def _set_submodule(root, target, module):
+    """Put module at the dotted path target of root."""
+    *parent, name = target.split(".")
+    setattr(root.get_submodule(".".join(parent)), name, module)
 
 
 # --- the inference graph: BatchNorm folding, fused residuals and activations ------------
 
 class _Tracer(torch.fx.Tracer):
-    """torch.fx's tracer, with clconv's Conv2d a leaf (a call_module node) like nn.Conv2d."""
+    """torch.fx's tracer, with clconv's Conv2d and BatchNorm2d leaves (call_module nodes)
+    like torch's own."""
 
     def is_leaf_module(self, module, qualified_name):
-        return isinstance(module, Conv2d) or super().is_leaf_module(module, qualified_name)
+        return (isinstance(module, (Conv2d, BatchNorm2d))
+                or super().is_leaf_module(module, qualified_name))
 
 
 _ACTIVATION_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", torch.relu_: "relu",
@@ -771,22 +962,21 @@ class _GraphRewrite:
         return None
 
     def _replace(self, node, module):
-        *parent, name = node.target.split(".")
-        setattr(self.module.get_submodule(".".join(parent)), name, module)
+        _set_submodule(self.module, node.target, module)
 
     def fold_batchnorms(self):
         """Fold each eval BatchNorm2d after a bare convolution; whether any was folded."""
         folded = False
         for node in list(self.graph.nodes):
             bn = self._module(node)
-            if not (type(bn) is nn.BatchNorm2d and not bn.training
+            if not (type(bn) in (nn.BatchNorm2d, BatchNorm2d) and not bn.training
                     and bn.running_mean is not None and len(node.args) == 1):
                 continue
             conv_node = node.args[0]
             conv = self._bare_conv(conv_node) if isinstance(conv_node, torch.fx.Node) else None
             if conv is None:
                 continue
-            self._replace(conv_node, _folded(conv, bn))
+            self._replace(conv_node, _folded(conv, bn, getattr(bn, "activation", None)))
             node.replace_all_uses_with(conv_node)
             self.graph.erase_node(node)
             folded = True
@@ -905,8 +1095,8 @@ class _GraphRewrite:
         return None
 
 
-def _folded(conv, bn):
-    """A copy of conv (no activation) computing bn(conv(x)) in eval mode."""
+def _folded(conv, bn, activation=None):
+    """A copy of conv computing activation(bn(conv(x))) with bn in eval mode."""
     scale = bn.running_var.double().add(bn.eps).rsqrt()
     if bn.weight is not None:
         scale = scale * bn.weight.detach().double()
@@ -915,7 +1105,7 @@ def _folded(conv, bn):
         shift = shift + conv.bias.detach().double() * scale
     if bn.bias is not None:
         shift = shift + bn.bias.detach().double()
-    new = Conv2d.like(conv, bias=True)
+    new = Conv2d.like(conv, bias=True, activation=activation)
     dtype = conv.weight.dtype
     with torch.no_grad():
         new.weight.copy_((conv.weight.detach().double() * scale.view(-1, 1, 1, 1)).to(dtype))

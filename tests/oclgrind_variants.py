@@ -19,9 +19,10 @@ import pyopencl as cl
 import pyopencl.array as cl_array
 
 import clconv
-from clconv import arrays, capabilities
+from clconv import arrays, batch_norm, capabilities
 from clconv.algorithms import ALGORITHMS
 from clconv.problem import make_problem
+from reference import batch_norm_train_grad_ref, batch_norm_train_ref
 
 TOL = {"float16": 2e-2, "float32": 1e-5, "float64": 1e-12}
 
@@ -541,6 +542,79 @@ def run_bias_grad(queue, dtype, batch):
     return err <= TOL[dtype.name] * max(1.0, float(np.abs(dy).sum(axis=(0, 2, 3)).max())), err
 
 
+# The batch_norm kernels: (activation, dtype, affine and running, work-group size,
+# channels a group, plane height): every activation on ragged channel groups and a plane
+# with a tail (35 values), a tree sum of 4 work-items; no parameters, one work-item, whole
+# vectors only (height 2, width the vector width).
+BATCH_NORM_VARIANTS = {
+    **{f"batch_norm-{a}": (a, "float32", True, 4, 2, 5) for a in ACTIVATIONS},
+    "batch_norm-float64-plain": ("relu6", "float64", False, 1, 1, 2),
+}
+
+
+def run_batch_norm(queue, name):
+    """The batch_norm kernels of BATCH_NORM_VARIANTS[name] (the forward, then the backward
+    on its statistics) against tests/reference.py."""
+    activation, dtype, params, local, per_group, height = BATCH_NORM_VARIANTS[name]
+    info = clconv.device_info(queue.device)
+    width = 7 if height > 2 else max(capabilities.of_info(info).widths_of(dtype))
+    shape = (2, 5, height, width)
+    problem, _ = make_problem(shape, dtype, (5, 5, 1, 1), dtype, None, None, 1, 0, 1, 1,
+                              "zeros")
+    rng = np.random.default_rng(0)
+    y, dz = (rng.standard_normal(shape).astype(dtype) for _ in range(2))
+    gamma, beta, running_mean = (rng.standard_normal(5).astype(dtype) for _ in range(3))
+    running_var = (rng.random(5) + 0.5).astype(dtype)
+    to = lambda a: cl_array.to_device(queue, a)     # noqa: E731
+    z, dy = cl_array.empty_like(to(y)), cl_array.empty_like(to(y))
+    mean, invstd, dgamma, dbeta = (cl_array.empty(queue, 5, dtype) for _ in range(4))
+    run_mean, run_var = to(running_mean), to(running_var)
+    affine = [v for a in (gamma, beta) for v in (to(a).data, 0)] if params else []
+    steps = [batch_norm.build(queue, batch_norm.constants(
+        info, op, problem, activation, params, params and op == "forward", local, per_group))
+        for op in ("forward", "backward")]
+    running = [run_mean.data, 0, run_var.data, 0] if params else []
+    steps[0](queue, 2, to(y).data, 0, *affine, z.data, 0, mean.data, invstd.data, *running,
+             2, 0.25, 1e-3).wait()
+    steps[1](queue, 2, to(y).data, 0, to(dz).data, 0, *affine, mean.data, invstd.data,
+             dy.data, 0, dgamma.data, dbeta.data, 2).wait()
+    g, b = (gamma, beta) if params else (None, None)
+    want = batch_norm_train_ref(y, g, b, running_mean, running_var, 0.25, 1e-3, activation)
+    want_grads = batch_norm_train_grad_ref(y, g, b, dz, 1e-3, activation)
+    pairs = [(z, want[0]), (mean, want[1]), (invstd, want[2]), (dy, want_grads[0])]
+    if params:
+        pairs += [(run_mean, want[3]), (run_var, want[4]), (dgamma, want_grads[1]),
+                  (dbeta, want_grads[2])]
+    err = max(float(np.abs(got.get() - expected).max() / max(1.0, np.abs(expected).max()))
+              for got, expected in pairs)
+    return err <= 10 * TOL[dtype], err
+
+
+def run_batch_norm_end_to_end(queue):
+    """clconv.conv2d_batch_norm and its backward: a strided depthwise convolution, relu6."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 4, 7, 6)).astype(np.float32)
+    w = rng.standard_normal((8, 1, 3, 3)).astype(np.float32)
+    gamma, beta, running_mean = (rng.standard_normal(8).astype(np.float32) for _ in range(3))
+    running_var = np.ones(8, np.float32)
+    geometry = (2, 1, 1, 4)
+    z, y, mean, invstd = clconv.conv2d_batch_norm(x, w, None, gamma, beta, running_mean,
+                                                  running_var, *geometry, activation="relu6",
+                                                  queue=queue)
+    problem, _ = make_problem(x.shape, "float32", w.shape, "float32", None, None, *geometry,
+                              "zeros")
+    dz = rng.standard_normal(z.shape).astype(np.float32)
+    dx, dw, _, dgamma, dbeta = clconv.conv2d_batch_norm_backward(
+        x, w, y, mean, invstd, gamma, beta, dz, *geometry, activation="relu6", queue=queue)
+    dy, dgamma_ref, dbeta_ref = batch_norm_train_grad_ref(y, gamma, beta, dz, 1e-5, "relu6")
+    y_ref, dx_ref, dw_ref = naive(x, w, None, dy, problem)
+    z_ref = batch_norm_train_ref(y_ref, gamma, beta, None, None, 0, 1e-5, "relu6")[0]
+    err = max(float(np.abs(got - expected).max() / max(1.0, np.abs(expected).max()))
+              for got, expected in ((y, y_ref), (z, z_ref), (dx, dx_ref), (dw, dw_ref),
+                                    (dgamma, dgamma_ref), (dbeta, dbeta_ref)))
+    return err <= 10 * TOL["float32"], err
+
+
 def run_gather(queue, dtype):
     """A non-contiguous device array goes through the gather kernel before the convolution."""
     base = np.arange(2 * 3 * 5 * 8, dtype=dtype).reshape(2, 3, 5, 8)
@@ -572,16 +646,18 @@ PROBES = [(s, n) for s in ("half", "float", "double") for n in capabilities.WIDT
 
 
 def gpu_like_names():
-    """What runs under Oclgrind's GPU-like limits: the heuristics and the local-memory tiled
-    GEMM's variants."""
+    """What runs under Oclgrind's GPU-like limits: the heuristics, the local-memory tiled
+    GEMM's variants and the batch_norm kernels as clconv sizes them."""
     return ([v[0] for v in heuristic_variants()]
-            + [v[0] for v in tiled_gemm_variants() if "epilogue" not in v[0]])
+            + [v[0] for v in tiled_gemm_variants() if "epilogue" not in v[0]]
+            + ["batch_norm-end-to-end"])
 
 
 def all_names():
     return ([v[0] for v in variants()] + [f"gather-{d}" for d in DTYPES]
             + [f"bias_grad-{d}-n{n}" for d in DTYPES for n in (1, 64)]
-            + [f"probe-{s}-{n}" for s, n in PROBES] + ["mark"])
+            + [f"probe-{s}-{n}" for s, n in PROBES] + ["mark"]
+            + list(BATCH_NORM_VARIANTS) + ["batch_norm-end-to-end"])
 
 
 def main(names):
@@ -601,6 +677,10 @@ def main(names):
             good, err = run_probe(queue, storage, int(n))
         elif name == "mark":
             good, err = run_mark(queue)
+        elif name == "batch_norm-end-to-end":
+            good, err = run_batch_norm_end_to_end(queue)
+        elif name.startswith("batch_norm-"):
+            good, err = run_batch_norm(queue, name)
         else:
             good, err = run_variant(queue, name, *specs[name])
         print(f"{name}: {'ok' if good else 'WRONG'} (max error {err:.2e})", flush=True)

@@ -99,6 +99,9 @@ __all__ = [
     "weight_grad_reduction_length",
     "ACTIVATIONS",
     "activation_ref",
+    "activation_grad_ref",
+    "batch_norm_train_ref",
+    "batch_norm_train_grad_ref",
     "conv2d_fused_reference",
     "fused_tolerance",
     "assert_within",
@@ -613,3 +616,64 @@ def fused_tolerance(dtype, x, w, bias=None, residual=None, activation=None, stri
     y = activation_ref(activation, z)
     evaluation = 64 * _U[acc] * (np.abs(z) + np.abs(y))
     return _LIPSCHITZ[activation] * pre + evaluation
+
+
+# --- training-mode BatchNorm2d and the activation after it ------------------------------
+
+def activation_grad_ref(name, v):
+    """d activation / dv at v in float64, as torch's backward of each computes it: relu and
+    relu6 pass no gradient at 0 and 6 themselves (threshold_backward, hardtanh_backward)."""
+    v = np.asarray(v, dtype=np.float64)
+    if name is None:
+        return np.ones_like(v)
+    if name == "relu":
+        return np.where(v <= 0, 0.0, 1.0)
+    if name == "relu6":
+        return np.where((v <= 0) | (v >= 6), 0.0, 1.0)
+    if name == "silu":
+        s = 1 / (1 + np.exp(-v))
+        return s * (1 + v * (1 - s))
+    if name == "gelu":
+        return 0.5 * _erfc(-v / math.sqrt(2.0)) + v * np.exp(-0.5 * v * v) / math.sqrt(2 * math.pi)
+    raise ValueError(f"unknown activation {name!r}")
+
+
+def batch_norm_train_ref(y, gamma, beta, running_mean, running_var, momentum, eps,
+                         activation=None):
+    """torch.nn.BatchNorm2d in training on y (N, C, H, W), then the activation, in float64:
+    (z, mean, invstd, new running_mean, new running_var); gamma/beta or the running
+    statistics may be None."""
+    y = np.asarray(y, np.float64)
+    count = y.shape[0] * y.shape[2] * y.shape[3]
+    mean = y.mean(axis=(0, 2, 3))
+    var = ((y - mean[None, :, None, None]) ** 2).mean(axis=(0, 2, 3))
+    invstd = 1 / np.sqrt(var + eps)
+    g = np.ones_like(mean) if gamma is None else np.asarray(gamma, np.float64)
+    b = np.zeros_like(mean) if beta is None else np.asarray(beta, np.float64)
+    v = (y - mean[None, :, None, None]) * (g * invstd)[None, :, None, None] \
+        + b[None, :, None, None]
+    new_mean = new_var = None
+    if running_mean is not None:
+        new_mean = (1 - momentum) * np.asarray(running_mean, np.float64) + momentum * mean
+        new_var = ((1 - momentum) * np.asarray(running_var, np.float64)
+                   + momentum * var * count / (count - 1))
+    return activation_ref(activation, v), mean, invstd, new_mean, new_var
+
+
+def batch_norm_train_grad_ref(y, gamma, beta, grad_out, eps, activation=None):
+    """(d y, d gamma, d beta) of batch_norm_train_ref's z for grad_out = d loss / dz."""
+    y = np.asarray(y, np.float64)
+    count = y.shape[0] * y.shape[2] * y.shape[3]
+    _, mean, invstd, _, _ = batch_norm_train_ref(y, None, None, None, None, 0, eps)
+    xhat = (y - mean[None, :, None, None]) * invstd[None, :, None, None]
+    g = np.ones_like(mean) if gamma is None else np.asarray(gamma, np.float64)
+    b = np.zeros_like(mean) if beta is None else np.asarray(beta, np.float64)
+    v = xhat * g[None, :, None, None] + b[None, :, None, None]
+    dv = np.asarray(grad_out, np.float64) * activation_grad_ref(activation, v)
+    dbeta = dv.sum(axis=(0, 2, 3))
+    dgamma = (dv * xhat).sum(axis=(0, 2, 3))
+    dxhat = dv * g[None, :, None, None]
+    dy = (invstd[None, :, None, None] / count) * (
+        count * dxhat - dxhat.sum(axis=(0, 2, 3))[None, :, None, None]
+        - xhat * (dxhat * xhat).sum(axis=(0, 2, 3))[None, :, None, None])
+    return dy, dgamma, dbeta

@@ -20,6 +20,7 @@ LAYERS = {
     "clconv.search": 4,
     "clconv.planner": 5,
     "clconv.functional": 6, "clconv.gradients": 6.5, "clconv.module": 6.5,
+    "clconv.batch_norm": 6.7,
     "clconv.autotune": 7, "clconv.bench": 7.1, "clconv.tune_suite": 7.2, "clconv": 7.5,
     "clconv.torch": 7.6, "clconv.bench_models": 7.7, "clconv.cli": 7.8, "clconv.__main__": 7.9,
 }

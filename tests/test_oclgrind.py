@@ -98,6 +98,10 @@ def test_variants_cover_every_template_branch():
                                     **capabilities.probe_constants(storage, int(n)))
             elif name == "mark":
                 oclgrind_variants.run_mark(queue)
+            elif name == "batch_norm-end-to-end":
+                oclgrind_variants.run_batch_norm_end_to_end(queue)
+            elif name.startswith("batch_norm-"):
+                oclgrind_variants.run_batch_norm(queue, name)
             elif oclgrind_variants.allowed(queue, specs[name][-2], specs[name][-1]):
                 oclgrind_variants.build_variant(queue, name, *specs[name])
     missing = sorted(programs.all_template_branches() - taken)

@@ -216,9 +216,13 @@ def test_convert_fuses_in_sequential_only():
     model = ct.convert(copy.deepcopy(reference))
     fused = [(i, m.activation) for i, m in enumerate(model) if isinstance(m, ct.Conv2d)]
     assert fused == [(0, "relu"), (2, "relu6"), (4, "silu"), (6, "gelu"), (8, None), (10, None)]
-    for i in (1, 3, 5, 7):
+    for i in (1, 3, 5, 7, 12):
         assert type(model[i]) is nn.Identity
-    assert type(model[9]) is nn.GELU and type(model[12]) is nn.ReLU
+    assert type(model[9]) is nn.GELU
+    # in training, a BatchNorm2d after a convolution takes the activation after it
+    # (tests/test_batch_norm.py)
+    assert type(model[11]) is ct.BatchNorm2d and model[11].activation == "relu"
+    assert model[10]._batch_norm == (model[11],)
     assert "activation='relu'" in repr(model[0])
     x = torch.randn(2, 3, 10, 10)
     for mode in ("train", "eval"):

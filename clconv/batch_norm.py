@@ -85,7 +85,8 @@ def conv2d_batch_norm(input, weight, bias, bn_weight, bn_bias, running_mean, run
         args = [y_buffer, 0, *(v for p in params for v in p[:2]), outputs[0][0], 0,
                 outputs[1][0], outputs[2][0], *(v for buf, _ in running for v in (buf, 0)),
                 problem.batch, momentum, eps]
-        event = launch(queue, problem.batch, *args, wait_for=waits)
+        with scratch.of(queue).lock:    # a kernel's arguments are set, then it is enqueued
+            event = launch(queue, problem.batch, *args, wait_for=waits)
     except BaseException:
         queue.finish()
         raise

@@ -508,8 +508,24 @@ def _fuses_batch_norm(conv, input):
             and (bn.running_mean is not None or not bn.track_running_stats)
             and _unobserved(tensors) and not _hooked((conv, bn))):
         return False
-    n, _, h, w = _output_shape(input, conv.weight, conv.bias, *conv._geometry())
-    return n * h * w > 1
+    return _values_per_channel(conv, input) > 1
+
+
+def _values_per_channel(conv, input):
+    """N x H_out x W_out of conv on input (checked as the call checks it), memoised by
+    shapes and geometry: computing the output shape costs ~30 µs a call."""
+    key = (tuple(input.shape), tuple(conv.weight.shape), conv.bias is None, conv.stride,
+           conv.padding, conv.dilation, conv.groups, conv.padding_mode)
+    count = _counts.get(key)
+    if count is None:
+        n, _, h, w = _output_shape(input, conv.weight, conv.bias, *conv._geometry())
+        if len(_counts) >= _FORMATS_KEPT:
+            _counts.clear()
+        count = _counts[key] = n * h * w
+    return count
+
+
+_counts = {}    # _values_per_channel's answers
 
 
 def _conv_batch_norm(conv, bn, input):

@@ -126,6 +126,37 @@ def test_activation_gradient_is_torchs_at_the_boundaries():
         assert dbeta[0] == passing, (activation, z.ravel())
 
 
+def test_calls_from_eight_threads_share_kernels_and_scratch_safely(queue):
+    """Forward and backward calls on one queue from eight threads at once, two shapes that
+    share their kernels (the batch differs) and the backward's dy scratch."""
+    from concurrent.futures import ThreadPoolExecutor
+    w = np.random.default_rng(0).standard_normal((6, 4, 3, 3)).astype(np.float32)
+    gamma, beta = np.linspace(0.5, 1.5, 6, dtype=np.float32), np.zeros(6, np.float32)
+
+    def call(seed):
+        r = np.random.default_rng(seed)
+        x = r.standard_normal((1 + seed % 2, 4, 7, 9)).astype(np.float32)
+        z, y, mean, invstd = clconv.conv2d_batch_norm(x, w, None, gamma, beta, None, None,
+                                                      padding=1, activation="relu",
+                                                      queue=queue)
+        dz = r.standard_normal(z.shape).astype(np.float32)
+        grads = clconv.conv2d_batch_norm_backward(x, w, y, mean, invstd, gamma, beta, dz,
+                                                  padding=1, activation="relu", queue=queue)
+        return x, dz, z, grads
+
+    with ThreadPoolExecutor(8) as pool:
+        for x, dz, z, (dx, dw, _, dgamma, dbeta) in pool.map(call, range(24)):
+            y = conv2d_reference(x, w, None, 1, 1)
+            z_ref = batch_norm_train_ref(y, gamma, beta, None, None, 0, 1e-5, "relu")[0]
+            dy, dgamma_ref, dbeta_ref = batch_norm_train_grad_ref(y, gamma, beta, dz, 1e-5,
+                                                                  "relu")
+            for got, want in ((z, z_ref), (dx, conv2d_input_grad_ref(x.shape, w, dy, 1, 1)),
+                              (dw, conv2d_weight_grad_ref(x, w.shape, dy, 1, 1)),
+                              (dgamma, dgamma_ref), (dbeta, dbeta_ref)):
+                np.testing.assert_allclose(got, want, rtol=2e-4,
+                                           atol=2e-4 * np.abs(want).max())
+
+
 @pytest.mark.parametrize("call,message", [
     (dict(input=np.zeros((3, 5, 5), np.float32)), "input must be 4-D"),
     (dict(input=np.zeros((1, 3, 1, 1), np.float32), weight=np.zeros((2, 3, 1, 1), np.float32)),

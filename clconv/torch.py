@@ -462,7 +462,8 @@ class BatchNorm2d(nn.BatchNorm2d):
     BatchNorm this is) computes both on clconv's device, in one call each way
     (clconv.conv2d_batch_norm and its backward), and this module passes that output on;
     in eval mode, or on any input that convolution did not normalise, it is torch's
-    BatchNorm2d and then the activation.
+    BatchNorm2d and then the activation. (So, as with a fused activation, the paired
+    convolution called on its own in training returns the normalised output.)
     """
 
     def __init__(self, *args, activation=None, **kwargs):

@@ -15,7 +15,8 @@ from .scratch import release as release_scratch
 from .store import TuningCacheWarning
 
 __all__ = ["Conv2d", "conv2d", "conv2d_input_grad", "conv2d_weight_grad", "conv2d_bias_grad",
-           "conv2d_backward", "conv2d_batch_norm", "conv2d_batch_norm_backward", "Problem", "tune", "set_tune_mode", "use_algorithm", "allow_winograd",
+           "conv2d_backward", "conv2d_batch_norm", "conv2d_batch_norm_backward", "Problem",
+           "tune", "set_tune_mode", "use_algorithm", "allow_winograd",
            "set_allow_winograd", "winograd_allowed", "NoDeviceError", "ForkedProcessError",
            "BuildError", "release_scratch",
            "TuningCacheWarning", "choose_device", "device_info", "queue_for", "__version__"]

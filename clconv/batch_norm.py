@@ -28,8 +28,8 @@ import pyopencl.array as cl_array
 from . import arrays, programs, scratch
 from .algorithms.base import Blocks, Buffer, Scalar, build_step, pow2_at_most, scratch_buffer
 from .capabilities import device_info, of_info
-from .functional import (ACTIVATIONS, Started, _resolve_queue, check_call, check_operand,
-                         enqueue_all, finish, prepare)
+from .functional import (Started, _resolve_queue, check_activation, check_call,
+                         check_operand, enqueue_all, finish, prepare)
 from .gradients import _output_mask, _prepare_bias_grad
 from .limits import check_device_limits
 from .problem import INT32_LIMIT
@@ -156,8 +156,7 @@ def _checked_conv(input, weight, bias, stride, padding, dilation, groups, paddin
                   activation):
     """(x, w, b, Problem) of a fused call: a batched float32/float64 convolution with at
     least two values per output channel (torch's rule for training-mode statistics)."""
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    check_activation(activation)
     x, w = _host(input, "input"), _host(weight, "weight")
     b = None if bias is None else _host(bias, "bias")
     if x.ndim != 4:

@@ -26,8 +26,7 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1,
     shape) is added after the bias, then activation ('relu', 'relu6', 'silu' or 'gelu',
     torch's exact erf form) is applied: act(conv(x, w) + bias + residual).
     """
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    check_activation(activation)
     x = _operand(input, "input")
     w = _operand(weight, "weight")
     b = None if bias is None else _operand(bias, "bias")
@@ -40,6 +39,11 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1,
     check_device_limits(problem, queue.device)
     epilogue = (("activation", activation), ("has_residual", r is not None))
     return run(problem, queue, "forward", [x, w, b, r], out_shape, epilogue)
+
+
+def check_activation(activation):
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
 
 
 def check_call(x, w, b, stride, padding, dilation, groups, padding_mode):

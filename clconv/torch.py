@@ -636,10 +636,7 @@ class ConvChain(nn.Module):
             shape, dtype = values[i]
             weight, bias = conv.weight, conv.bias
             try:
-                problem, unbatched = _problem(
-                    shape, dtype, weight, bias, *_geometry(conv.stride, conv.padding,
-                                                           conv.dilation, conv.groups,
-                                                           conv.padding_mode))
+                problem, unbatched = _problem(shape, dtype, weight, bias, *conv._geometry())
                 check_device_limits(problem, queue.device)
             except (TypeError, ValueError):
                 return None
@@ -860,11 +857,17 @@ def _fuse_batch_norm(model, name, conv, following):
     activation = _fusable(rest[0][1]) if rest else None
     if activation is not None:
         setattr(model, rest[0][0], nn.Identity())
-    new_bn = BatchNorm2d.sharing(bn, activation)
     new = _swap(conv)
-    new._batch_norm = (new_bn,)
-    setattr(model, bn_name, new_bn)
+    setattr(model, bn_name, _paired(new, bn, activation))
     setattr(model, name, new)
+
+
+def _paired(conv, bn, activation):
+    """A BatchNorm2d sharing bn's parameters and buffers, taking the activation, that the
+    clconv Conv2d conv computes with it in training (BatchNorm2d's docstring)."""
+    new = BatchNorm2d.sharing(bn, activation)
+    conv._batch_norm = (new,)
+    return new
 
 
 def _pair_traced_batch_norms(model):
@@ -890,16 +893,14 @@ def _pair_traced_batch_norms(model):
         conv = (called_once(source, (Conv2d,)) if isinstance(source, torch.fx.Node)
                 and len(source.users) == 1 else None)
         if conv is None or conv._batch_norm or conv.activation is not None \
-                or bn.num_features != conv.out_channels:
+                or not _normalizes(conv, bn):
             continue
         user = next(iter(node.users)) if len(node.users) == 1 else None
         act = user is not None and called_once(user, tuple(_FUSABLE))
         activation = _fusable(act) if act else None
-        new_bn = BatchNorm2d.sharing(bn, activation)
         if activation is not None:
             _set_submodule(model, user.target, nn.Identity())
-        _set_submodule(model, node.target, new_bn)
-        conv._batch_norm = (new_bn,)
+        _set_submodule(model, node.target, _paired(conv, bn, activation))
 
 
 def _set_submodule(root, target, module):
